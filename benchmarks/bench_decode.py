@@ -5,6 +5,11 @@ greedy decoding with EOS disabled so every run produces exactly the asked number
 
 1. batch-1 decode tokens/s: dhad `generate_ids` vs transformers `generate` (decode rate =
    (N - 1) / (time(N tokens) - time(1 token)), so prefill is excluded for both); goal >= 2x.
+   Eager against eager, and (unless --no-compile) each side's compiled decoding: dhad
+   `generate_ids(compile=True)` (static-shape step, inductor with the C++ wrapper on CPU) and
+   transformers' `cache_implementation="static"` + `CompileConfig` (forced on for CPU, where
+   transformers does not auto-compile; its default "reduce-overhead" mode is CUDA graphs, so the
+   CPU run uses mode "default"). Compilation happens in the warm-up, outside the timings.
 2. aggregate tokens/s of the Engine with S concurrent streams vs 1 stream; goal >= 5x.
 3. time to first token p50 / p99 under that load.
 
@@ -74,6 +79,7 @@ def main():
     # multi-threaded timings meaningless (both sides run with the same setting either way).
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--json", help="append the results as one JSON line to this file")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled contestants")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -104,12 +110,32 @@ def main():
     def dhad_gen(n):
         return generate_ids(ours, prompt, SamplingParams(max_new_tokens=n, eos_token_id=()))
 
-    # same greedy tokens (sanity: the two are decoding the same model)
-    same = hf_gen(16)[0, a.prompt_len:].tolist() == dhad_gen(16)[0]
-    rates = decode_rates({"hf": hf_gen, "dhad": dhad_gen}, a.new_tokens, a.repeats)
+    @torch.inference_mode()
+    def hf_gen_compiled(n):
+        cc = transformers.CompileConfig(fullgraph=True, mode="default" if a.device == "cpu" else "reduce-overhead")
+        cc._compile_all_devices = True  # transformers only auto-compiles on accelerators
+        return ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0, cache_implementation="static", compile_config=cc)
+
+    def dhad_gen_compiled(n):
+        return generate_ids(ours, prompt, SamplingParams(max_new_tokens=n, eos_token_id=()), compile=True)
+
+    gens = {"hf": hf_gen, "dhad": dhad_gen}
+    if not a.no_compile:
+        gens.update({"hf_compiled": hf_gen_compiled, "dhad_compiled": dhad_gen_compiled})
+    # same greedy tokens (sanity: all are decoding the same model)
+    want = hf_gen(16)[0, a.prompt_len:].tolist()
+    same = all((g(16)[0, a.prompt_len:].tolist() if k.startswith("hf") else g(16)[0]) == want for k, g in gens.items())
+    rates = decode_rates(gens, a.new_tokens, a.repeats)
     r_hf, r_dh = rates["hf"], rates["dhad"]
     print(f"[1] batch-1 decode: transformers generate {r_hf:8.1f} tok/s | dhad generate {r_dh:8.1f} tok/s | "
-          f"ratio dhad/transformers {r_dh / r_hf:.2f}x (goal >= 2x; same greedy tokens: {same})")
+          f"ratio dhad/transformers {r_dh / r_hf:.2f}x (eager both; same greedy tokens: {same})")
+    if not a.no_compile:
+        r_hfc, r_dhc = rates["hf_compiled"], rates["dhad_compiled"]
+        print(f"    compiled: transformers static cache + compile {r_hfc:8.1f} tok/s | dhad compile=True "
+              f"{r_dhc:8.1f} tok/s\n"
+              f"    ratios: dhad compiled / transformers eager {r_dhc / r_hf:.2f}x (goal >= 2x) | "
+              f"dhad compiled / transformers compiled {r_dhc / r_hfc:.2f}x")
 
     # 2. engine: S concurrent streams vs 1
     prompts = [torch.randint(3, a.vocab, (a.prompt_len,)).tolist() for _ in range(a.streams)]
@@ -133,6 +159,7 @@ def main():
         with open(a.json, "a", encoding="utf-8") as f:
             f.write(json.dumps({"bench": "decode", "device": a.device, "dtype": a.dtype, "params_m": n_params / 1e6,
                                 "hf_tok_s": r_hf, "dhad_tok_s": r_dh, "batch1_ratio": r_dh / r_hf,
+                                **{f"{k}_tok_s": v for k, v in rates.items() if k.endswith("compiled")},
                                 "engine_1_tok_s": r_one, "engine_many_tok_s": r_many, "streams": a.streams,
                                 "aggregate_ratio": r_many / r_one, "ttft_p50_ms": statistics.median(ttft),
                                 "ttft_p99_ms": pct(ttft, 99), "same_greedy": same}) + "\n")

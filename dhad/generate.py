@@ -18,7 +18,10 @@ Design choices:
   parameters (the engine) is processed in a few vectorised ops; each row may own a
   `torch.Generator`, which makes a seeded request reproducible whatever else is in the batch.
 - Decoding is gpt-fast style: one prefill of the (left-padded) prompt into a `KVCache`, then one
-  token per step; the model is never re-run over the prompt.
+  token per step; the model is never re-run over the prompt. With ``compile=True`` the decode step
+  runs the model's static-shape path (whole cache attended, masked) through `torch.compile`, so one
+  graph serves every step; on CPU inductor's C++ wrapper removes the Python dispatch per op, which
+  is most of a small model's step time at batch 1 (benchmarks/bench_decode.py).
 - `StreamDecoder` turns token ids into text deltas that are always complete UTF-8: byte-level BPE
   splits an Arabic letter (2 bytes) across tokens, and a delta is held back while the decoded text
   ends in U+FFFD. `StopMatcher` holds back text that may be the start of a stop string.
@@ -31,7 +34,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["SamplingParams", "PRESETS", "Sampler", "StreamDecoder", "StopMatcher", "generate_ids", "generate_text",
+__all__ = ["SamplingParams", "PRESETS", "Sampler", "StreamDecoder", "StopMatcher", "generate_ids", "generate_text", "decode_step",
            "apply_repetition_penalty", "apply_top_k", "apply_top_p", "eos_ids_of"]
 
 
@@ -404,15 +407,57 @@ def _as_batch(input_ids, attention_mask, pad_id: int):
     return ids, mask
 
 
+_COMPILE_BUCKET = 256  # compiled decode: cache lengths rounded up to this, so prompts of similar length share a graph
+
+
+def decode_step(model, compile: bool = False):
+    """The function one decode step runs: ``(tokens [B, 1], cache) -> last-position logits [B, V]``.
+
+    ``compile=False``: the model's eager path, whose attention reads only the filled part of the cache.
+    ``compile=True``: the static-shape path (``static=True``: no host syncs, shapes fixed by the cache)
+    compiled once per model with ``fullgraph`` and ``dynamic=False`` -- one graph per (batch, cache
+    length), which is why `generate_ids` rounds cache lengths up to a bucket. If compilation fails
+    (no C++ compiler, an unsupported backend), a warning is printed and the eager path is used.
+    """
+    def eager(tokens, cache):
+        return model(tokens, cache=cache, last_only=True)[:, -1]
+
+    if not compile:
+        return eager
+    fn = model.__dict__.get("_dhad_compiled_decode")
+    if fn is None:
+        def static(tokens, cache):
+            return model(tokens, cache=cache, last_only=True, static=True)[:, -1]
+        # C++ wrapper on CPU: the generated code calls kernels without going back through Python.
+        options = {"cpp_wrapper": True} if model.device.type == "cpu" else None
+        compiled = torch.compile(static, fullgraph=True, dynamic=False, options=options)
+        state = {"fn": compiled}
+
+        def fn(tokens, cache):
+            try:
+                return state["fn"](tokens, cache)
+            except Exception as e:  # noqa: BLE001 - compiler missing or backend unsupported: stay correct
+                if state["fn"] is eager:
+                    raise
+                import warnings
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {str(e)[:200]}); "
+                              "decoding eagerly", RuntimeWarning, stacklevel=2)
+                state["fn"] = eager
+                return eager(tokens, cache)
+        model.__dict__["_dhad_compiled_decode"] = fn
+    return fn
+
+
 @torch.inference_mode()
 def generate_ids(model, input_ids, params: SamplingParams | None = None, attention_mask=None, *,
-                 tokenizer=None, **kwargs) -> list[list[int]]:
+                 tokenizer=None, compile: bool = False, **kwargs) -> list[list[int]]:
     """New token ids for each prompt row (prefill once, then one cached step per token).
 
     ``input_ids``: LongTensor [B, T] (left-padded, with ``attention_mask``) or list(s) of ids.
     A row's output ends with its EOS / stop token when one was generated (transformers keeps it
     too). ``stop_strings`` need ``tokenizer``; the token that completes one ends the row.
-    Keyword arguments override fields of ``params``.
+    Keyword arguments override fields of ``params``. ``compile=True`` compiles the decode step
+    (see `decode_step`): the first call pays the compilation (seconds), later calls reuse it.
     """
     params = SamplingParams.from_kwargs(params, **kwargs) if kwargs else (params or SamplingParams())
     cfg = model.config
@@ -448,7 +493,11 @@ def generate_ids(model, input_ids, params: SamplingParams | None = None, attenti
     matchers = [StopMatcher(params.stop_strings) for _ in range(B)] if params.stop_strings else None
 
     from dhad.model import KVCache
-    cache = KVCache.empty(cfg, B, T + limit, dtype=model.dtype, device=dev)
+    max_len = T + limit
+    if compile:
+        max_len = min(-(-max_len // _COMPILE_BUCKET) * _COMPILE_BUCKET, cfg.block_size)  # T + limit <= block_size
+    cache = KVCache.empty(cfg, B, max_len, dtype=model.dtype, device=dev)
+    step_fn = decode_step(model, compile)
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for step in range(limit):
@@ -467,12 +516,12 @@ def generate_ids(model, input_ids, params: SamplingParams | None = None, attenti
                 done[b] = matchers[b].stopped
         if bool(done.all()) or step == limit - 1:
             break
-        logits = model(nxt[:, None], cache=cache, last_only=True)[:, -1]
+        logits = step_fn(nxt[:, None], cache)
     return out
 
 
 def generate_text(model, tokenizer, prompt_or_messages, fmt=None, params: SamplingParams | None = None,
-                  **kwargs) -> str:
+                  compile: bool = False, **kwargs) -> str:
     """The answer to a prompt string or a chat conversation (``dhad.generate``).
 
     Messages are rendered with ``fmt`` (a format name or `ChatFormat`); by default the
@@ -495,7 +544,7 @@ def generate_text(model, tokenizer, prompt_or_messages, fmt=None, params: Sampli
     ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
-    new = generate_ids(model, [ids], params, tokenizer=tokenizer)[0]
+    new = generate_ids(model, [ids], params, tokenizer=tokenizer, compile=compile)[0]
     stop_ids = set(eos_ids_of(params, model.config, tokenizer)) | set(params.stop_token_ids)
     if new and new[-1] in stop_ids:
         new = new[:-1]

@@ -302,7 +302,8 @@ class Transformer(nn.Module):
     # -- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False, logits_to_keep: int = 0,
+                static: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or [B, k, vocab] for the last k positions with
         logits_to_keep=k, as transformers names it; last_only is logits_to_keep=1).
 
@@ -310,6 +311,11 @@ class Transformer(nn.Module):
         position_ids default: real-token counts (so left padding does not shift positions);
         with segment_ids, positions restart at each segment. ALiBi always uses slot distances,
         as the reference Jais implementation does.
+
+        static=True (with a cache): shapes that do not depend on how full the cache is -- attention
+        covers all `cache.max_len` slots, unfilled ones masked out, new keys/values are scattered
+        in, and there are no host syncs -- so `torch.compile` makes one graph for every decode step
+        (`dhad.generate.decode_step`). The caller guarantees the cache has room (no overflow check).
         """
         c = self.config
         B, T = input_ids.shape
@@ -320,12 +326,15 @@ class Transformer(nn.Module):
         if cache is not None:
             start = cache.lengths  # [B]
             slots = start[:, None] + arange[None, :]  # [B, T] where the new tokens go
-            S = int(slots.max()) + 1
-            if S > cache.max_len:
-                raise ValueError(f"KV cache overflow: need {S} slots, cache holds {cache.max_len}")
             bidx = torch.arange(B, device=dev)[:, None]
-            same_start = bool((start == start[0]).all())
-            s0 = int(start[0]) if same_start else None
+            if static:  # shapes independent of the fill level: attend over the whole cache, masked
+                S, same_start, s0 = cache.max_len, False, None
+            else:
+                S = int(slots.max()) + 1
+                if S > cache.max_len:
+                    raise ValueError(f"KV cache overflow: need {S} slots, cache holds {cache.max_len}")
+                same_start = bool((start == start[0]).all())
+                s0 = int(start[0]) if same_start else None
             if s0 is not None:
                 cache.valid[:, s0:s0 + T] = new_valid if new_valid is not None else True
             else:

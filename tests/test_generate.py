@@ -86,6 +86,42 @@ def test_eos_and_min_new_tokens_match_transformers(llama_pair):
         assert ours == ref and len(ours) >= 6 and ours[:2] == free[:2] and ours[2] != eos
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-jais"])
+def test_static_decode_path_equals_dynamic(preset):
+    """The static-shape step (whole cache attended, unfilled slots masked, scatter writes: what the
+    compiled decoder runs) gives the dynamic path's logits at every step, rows of different fill."""
+    from dhad.config import Config
+    from dhad.model import KVCache, Transformer
+    torch.manual_seed(4)
+    cfg = Config.from_name(preset)
+    m = Transformer(cfg).init_weights(seed=0).eval()
+    ids = torch.randint(3, cfg.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # row 1 left-padded
+    caches = [KVCache.empty(cfg, 2, 40) for _ in range(2)]
+    with torch.inference_mode():
+        outs = [m(ids, attention_mask=mask, cache=c, last_only=True)[:, -1] for c in caches]
+        for _ in range(12):
+            nxt = outs[0].argmax(-1)[:, None]
+            outs = [m(nxt, cache=caches[0], last_only=True)[:, -1],
+                    m(nxt, cache=caches[1], last_only=True, static=True)[:, -1]]
+            torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(caches[0].lengths, caches[1].lengths) and torch.equal(caches[0].n_real, caches[1].n_real)
+
+
+def test_compiled_decode_matches_transformers(llama_pair):
+    """generate_ids(compile=True): torch.compile'd static decode step, same tokens as transformers."""
+    hf, m = llama_pair
+    torch.manual_seed(2)
+    rows = [torch.randint(3, 128, (n,)).tolist() for n in (4, 11)]
+    T = max(map(len, rows))
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    want = strip_pad(hf_generate(hf, ids, mask, max_new_tokens=20, do_sample=False, repetition_penalty=1.2))
+    assert generate_ids(m, rows, max_new_tokens=20, repetition_penalty=1.2, compile=True) == want
+    assert generate_ids(m, rows, max_new_tokens=20, repetition_penalty=1.2) == want
+
+
 # --- processors equal transformers' on the same logits -------------------------------------------
 
 def test_processors_equal_transformers():
