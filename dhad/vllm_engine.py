@@ -58,6 +58,10 @@ def to_vllm_params(p: SamplingParams, n_prompt: int, limit: int, vllm_module):
     # only what is set: older vLLM releases (0.3.x) lack some of these keywords
     optional = dict(min_tokens=min(min_tokens, max_tokens), stop=list(p.stop_strings),
                     stop_token_ids=list(p.stop_token_ids), seed=p.seed)
+    if p.eos_token_id is not None:  # the request names its own EOS: it replaces the checkpoint's
+        eos = p.eos_token_id if isinstance(p.eos_token_id, (list, tuple)) else (p.eos_token_id,)
+        optional["stop_token_ids"] = list(dict.fromkeys(optional["stop_token_ids"] + [int(i) for i in eos]))
+        optional["ignore_eos"] = True
     kw.update({k: v for k, v in optional.items() if v})
     if p.seed == 0:
         kw["seed"] = 0
@@ -121,6 +125,16 @@ class VLLMEngine:
                 self._thread.start()
         return self
 
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown(wait=False)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None,
                **kwargs) -> RequestHandle:
         try:
@@ -169,16 +183,45 @@ class VLLMEngine:
 
     def stats(self) -> dict:
         with self._cv:
-            return {"engine": "vllm", "vllm_version": self._vllm.__version__, "active": len(self._live),
+            return {"engine": "vllm", "vllm_version": self._vllm.__version__, "running": self.running,
+                    "closing": self._closing, "active": len(self._live),
                     "queued": len(self._pending), "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
                     "max_new_tokens_limit": self.max_new_tokens_limit, "max_seq_len": self.max_seq_len,
                     **{k: self._counters[k] for k in ("submitted", "completed", "cancelled", "rejected", "tokens")}}
+
+    def _end_ids(self, p: SamplingParams) -> set[int]:
+        """Tokens that end a request and are never shown: its EOS (the request's own, else the
+        checkpoint's) and its stop ids -- as in the native engine."""
+        if p.eos_token_id is None:
+            eos = self._eos
+        else:
+            eos = set(p.eos_token_id) if isinstance(p.eos_token_id, (list, tuple)) else {p.eos_token_id}
+        return set(eos) | set(p.stop_token_ids)
 
     def _wake(self):
         with self._cv:
             self._cv.notify_all()
 
     def _run(self):
+        try:
+            self._loop()
+        except BaseException as e:  # vLLM raised: never leave clients waiting forever
+            self._fail_all(f"engine stopped: {type(e).__name__}: {e}")
+            raise
+        finally:
+            with self._cv:
+                self._closing = True
+
+    def _fail_all(self, message: str):
+        with self._cv:
+            pending, self._pending = list(self._pending), collections.deque()
+            live, self._live = list(self._live.values()), {}
+        for h in pending + [st["h"] for st in live]:
+            if not h.done:
+                self._counters["completed"] += 1
+                h._emit(StreamEvent(h.id, "", [], True, "error", len(h.prompt_ids), 0, message))
+
+    def _loop(self):
         eng = self._engine
         while True:
             with self._cv:
@@ -199,7 +242,8 @@ class VLLMEngine:
                 vp = to_vllm_params(h.params, len(h.prompt_ids), max(limit, 1), self._vllm)
                 eng.add_request(h.id, {"prompt_token_ids": h.prompt_ids}, vp)
                 self._live[h.id] = {"h": h, "n": 0, "dec": StreamDecoder(self.tokenizer, skip_ids=self._special),
-                                    "stop": StopMatcher(h.params.stop_strings)}
+                                    "stop": StopMatcher(h.params.stop_strings),
+                                    "end_ids": self._end_ids(h.params)}
             for rid, st in list(self._live.items()):
                 if st["h"].cancelled or self._abort:
                     eng.abort_request(rid)
@@ -215,7 +259,7 @@ class VLLMEngine:
                 comp = out.outputs[0]
                 ids = list(comp.token_ids)
                 new_ids, st["n"] = ids[st["n"]:], len(ids)
-                text = "".join(st["stop"].feed(st["dec"].push(t)) for t in new_ids if t not in self._eos)
+                text = "".join(st["stop"].feed(st["dec"].push(t)) for t in new_ids if t not in st["end_ids"])
                 self._counters["tokens"] += len(new_ids)
                 reason = None
                 if out.finished:

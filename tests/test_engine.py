@@ -222,6 +222,9 @@ def test_vllm_parameter_mapping():
     assert (g["min_tokens"], g["temperature"], g["stop"], g["seed"]) == (4, 0.0, ["\n"], 0)
     s = to_vllm_params(SamplingParams(do_sample=True, top_k=0), 10, 50, fake)
     assert s["top_k"] == -1 and s["temperature"] == 1.0
+    # a request's own EOS replaces the checkpoint's: vLLM stops on it and ignores its own
+    e = to_vllm_params(SamplingParams(eos_token_id=(7, 9), stop_token_ids=(3,)), 10, 50, fake)
+    assert e["stop_token_ids"] == [3, 7, 9] and e["ignore_eos"] is True
 
 
 def test_finished_request_frees_its_row_before_the_client_hears():
@@ -242,3 +245,100 @@ def test_finished_request_frees_its_row_before_the_client_hears():
         list(h)
     finally:
         eng.shutdown()
+
+
+# --- the vLLM adapter's driving loop, against a stand-in with vLLM's LLMEngine interface ---------
+# vLLM needs a GPU build that this machine cannot install; the stand-in implements the part of
+# vLLM's API the adapter calls (EngineArgs, LLMEngine.from_engine_args, add_request(id,
+# {"prompt_token_ids"}, SamplingParams), step() -> [RequestOutput(request_id, outputs=[
+# CompletionOutput(token_ids, finish_reason)], finished)], abort_request) with vLLM's semantics
+# (greedy at temperature 0, max_tokens, min_tokens, stop_token_ids, EOS), decoding with a dhad model.
+
+class _FakeVLLM:
+    __version__ = "0.6.3"
+
+    def __init__(self, model, eos):
+        import types
+        self.model, self.eos, fake = model, eos, self
+        self.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+        self.EngineArgs = lambda **kw: kw
+
+        class LLMEngine:
+            @classmethod
+            def from_engine_args(cls, args):
+                fake.args = args
+                return cls()
+
+            def __init__(self):
+                self.reqs, self.aborted = {}, []
+
+            def add_request(self, rid, prompt, sp):
+                assert sp.temperature == 0.0, "the stand-in decodes greedily"
+                self.reqs[rid] = (list(prompt["prompt_token_ids"]), [], sp)
+
+            def abort_request(self, rid):
+                self.aborted.append(rid)
+                self.reqs.pop(rid, None)
+
+            def step(self):
+                outs = []
+                for rid, (p, gen, sp) in list(self.reqs.items()):
+                    with torch.no_grad():
+                        logits = fake.model(torch.tensor([p + gen]))[0, -1]
+                    ends = getattr(sp, "stop_token_ids", []) + ([] if getattr(sp, "ignore_eos", False) else [fake.eos])
+                    if len(gen) < getattr(sp, "min_tokens", 0):
+                        logits[ends] = -float("inf")
+                    gen.append(int(logits.argmax()))
+                    stop = gen[-1] in ends
+                    done = stop or len(gen) >= sp.max_tokens
+                    if done:
+                        del self.reqs[rid]
+                    out = types.SimpleNamespace(token_ids=list(gen), finish_reason=("stop" if stop else "length")
+                                                if done else None)
+                    outs.append(types.SimpleNamespace(request_id=rid, outputs=[out], finished=done))
+                return outs
+
+        self.LLMEngine = LLMEngine
+
+
+def test_vllm_adapter_drives_llmengine_like_native(tmp_path, monkeypatch, byte_tok):
+    import sys
+
+    from dhad.checkpoint import save_model
+    torch.manual_seed(0)
+    model = Transformer(Config.from_name("tiny-llama", vocab_size=byte_tok.vocab_size)).init_weights(seed=0).eval()
+    save_model(model, tmp_path, tokenizer=byte_tok)
+    free = generate_ids(model, [5, 6, 7], max_new_tokens=8, eos_token_id=())[0]
+    eos = free[3]  # the 4th greedy token plays EOS (requests name it; the checkpoint's EOS is another)
+    fake = _FakeVLLM(model, model.config.eos_token_id)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    eng = make_engine(tmp_path, byte_tok, engine="vllm", max_batch_size=4, max_queue=2, max_new_tokens_limit=64)
+    with eng.start():
+        assert fake.args["max_num_seqs"] == 4 and fake.args["model"] == str(tmp_path)
+        ps = [[t % byte_tok.vocab_size for t in p] for p in prompts(5, seed=3)]
+        hs = [eng.submit(p, max_new_tokens=6 + i, eos_token_id=eos) for i, p in enumerate(ps)]
+        native = Engine(model, byte_tok, max_batch_size=4).start()
+        try:
+            for i, (p, h) in enumerate(zip(ps, hs)):
+                got, want = h.result(60), native.generate(p, max_new_tokens=6 + i, eos_token_id=eos, timeout=60)
+                assert got.token_ids == want.token_ids and got.text == want.text
+                assert got.finish_reason == want.finish_reason
+            # min_new_tokens forbids the EOS at step 4, as in the native engine
+            got = eng.generate([5, 6, 7], max_new_tokens=8, min_new_tokens=6, eos_token_id=eos, timeout=60)
+            want = native.generate([5, 6, 7], max_new_tokens=8, min_new_tokens=6, eos_token_id=eos, timeout=60)
+            assert got.token_ids == want.token_ids and eos not in got.token_ids[:6]
+        finally:
+            native.shutdown()
+        # a cancelled stream is aborted in vLLM too
+        h = eng.submit([9, 9, 9], max_new_tokens=60, eos_token_id=())
+        next(iter(h))
+        h.cancel()
+        assert h.result(30).finish_reason == "cancelled"
+        with pytest.raises(RequestError, match="above this server's limit"):
+            eng.submit([1, 2], max_new_tokens=65)
+        st = eng.stats()
+        assert st["engine"] == "vllm" and st["cancelled"] == 1 and st["completed"] == 6
+        # vLLM failing mid-request ends the request with an error instead of hanging the client
+        fake.model = None
+        res = eng.generate([1, 2, 3], max_new_tokens=4, timeout=30)
+        assert res.finish_reason == "error" and "engine stopped" in res.error
