@@ -218,7 +218,51 @@ class _Seq:
     n_gen: int = 0
 
 
-class Engine:
+class RequestChecks:
+    """Request validation shared by the native and the vLLM engine. Needs the attributes
+    ``default_params``, ``tokenizer``, ``vocab_size``, ``max_seq_len`` and ``max_new_tokens_limit``."""
+
+    def _prepare(self, prompt_ids, params: SamplingParams | None, kwargs: dict) -> tuple[list[int], SamplingParams]:
+        """Token ids and parameters of a request, or RequestError naming what is wrong with it."""
+        try:
+            params = SamplingParams.from_kwargs(params or self.default_params, **kwargs) if kwargs else \
+                (params or self.default_params)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if isinstance(prompt_ids, str):
+            if self.tokenizer is None:
+                raise RequestError("a text prompt needs an engine with a tokenizer; pass token ids")
+            prompt_ids = self.tokenizer.encode(prompt_ids)
+        if torch.is_tensor(prompt_ids):
+            prompt_ids = prompt_ids.flatten().tolist()
+        prompt_ids = [int(i) for i in prompt_ids]
+        if not prompt_ids:
+            raise RequestError("empty prompt: at least one token is needed")
+        V = self.vocab_size
+        bad = next((i for i in prompt_ids if not 0 <= i < V), None) if V else None
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad} is outside the vocabulary (0..{V - 1})")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise RequestError(f"prompt of {len(prompt_ids)} tokens is longer than the context: at most "
+                               f"{self.max_seq_len - 1} tokens leave room for an answer")
+        if params.max_new_tokens is not None and params.max_new_tokens > self.max_new_tokens_limit:
+            raise RequestError(f"max_new_tokens={params.max_new_tokens} is above this server's limit "
+                               f"of {self.max_new_tokens_limit}")
+        if params.stop_strings and self.tokenizer is None:
+            raise RequestError("stop strings need an engine with a tokenizer")
+        return prompt_ids, params
+
+    def _limit(self, n_prompt: int, params: SamplingParams) -> int:
+        """New tokens a request may have: its own limits, the server's and the context's."""
+        limit = min(self.max_seq_len - n_prompt, self.max_new_tokens_limit)
+        if params.max_new_tokens is not None:
+            limit = min(limit, params.max_new_tokens)
+        if params.max_length is not None:
+            limit = min(limit, params.max_length - n_prompt)
+        return max(limit, 0)
+
+
+class Engine(RequestChecks):
     """Continuous-batching generation over one model (see the module docstring)."""
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
@@ -229,6 +273,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
+        self.vocab_size = model.config.vocab_size
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_new_tokens_limit = max_new_tokens_limit
@@ -278,19 +323,7 @@ class Engine:
     def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None,
                **kwargs) -> RequestHandle:
         """Queue a request (thread-safe). ``prompt_ids``: token ids (a str is encoded with the tokenizer)."""
-        try:
-            params = SamplingParams.from_kwargs(params or self.default_params, **kwargs) if kwargs else \
-                (params or self.default_params)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-        if isinstance(prompt_ids, str):
-            if self.tokenizer is None:
-                raise RequestError("a text prompt needs an engine with a tokenizer; pass token ids")
-            prompt_ids = self.tokenizer.encode(prompt_ids)
-        if torch.is_tensor(prompt_ids):
-            prompt_ids = prompt_ids.flatten().tolist()
-        prompt_ids = [int(i) for i in prompt_ids]
-        self._check(prompt_ids, params)
+        prompt_ids, params = self._prepare(prompt_ids, params, kwargs)
         rid = request_id or f"req-{next(self._ids)}"
         h = RequestHandle(rid, prompt_ids, params, self)
         with self._cv:
@@ -349,30 +382,6 @@ class Engine:
             }
 
     # -- validation ----------------------------------------------------------------------------
-    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise RequestError("empty prompt: at least one token is needed")
-        V = self.config.vocab_size
-        bad = next((i for i in prompt_ids if not 0 <= i < V), None)
-        if bad is not None:
-            raise RequestError(f"prompt token id {bad} is outside the vocabulary (0..{V - 1})")
-        if len(prompt_ids) >= self.max_seq_len:
-            raise RequestError(f"prompt of {len(prompt_ids)} tokens is longer than the context: at most "
-                               f"{self.max_seq_len - 1} tokens leave room for an answer")
-        if params.max_new_tokens is not None and params.max_new_tokens > self.max_new_tokens_limit:
-            raise RequestError(f"max_new_tokens={params.max_new_tokens} is above this server's limit "
-                               f"of {self.max_new_tokens_limit}")
-        if params.stop_strings and self.tokenizer is None:
-            raise RequestError("stop strings need an engine with a tokenizer")
-
-    def _limit(self, n_prompt: int, params: SamplingParams) -> int:
-        limit = min(self.max_seq_len - n_prompt, self.max_new_tokens_limit)
-        if params.max_new_tokens is not None:
-            limit = min(limit, params.max_new_tokens)
-        if params.max_length is not None:
-            limit = min(limit, params.max_length - n_prompt)
-        return max(limit, 0)
-
     # -- the loop ------------------------------------------------------------------------------
     def _wake(self):
         with self._cv:

@@ -22,8 +22,8 @@ import json
 import threading
 from pathlib import Path
 
-from dhad.engine import (Completion, EngineClosed, EngineError, QueueFull, RequestError, RequestHandle,
-                         StreamEvent)
+from dhad.engine import (Completion, EngineClosed, EngineError, QueueFull, RequestChecks,
+                         RequestHandle, StreamEvent)
 from dhad.generate import SamplingParams, StopMatcher, StreamDecoder
 
 JAIS_MIN, JAIS_MAX = (0, 3, 4), (0, 22, 99)
@@ -72,7 +72,7 @@ def to_vllm_params(p: SamplingParams, n_prompt: int, limit: int, vllm_module):
     return vllm_module.SamplingParams(**kw)
 
 
-class VLLMEngine:
+class VLLMEngine(RequestChecks):
     """Same interface as `dhad.engine.Engine`, backed by vLLM (GPU)."""
 
     def __init__(self, model_dir, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
@@ -137,22 +137,7 @@ class VLLMEngine:
 
     def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None,
                **kwargs) -> RequestHandle:
-        try:
-            params = SamplingParams.from_kwargs(params or self.default_params, **kwargs) if kwargs else \
-                (params or self.default_params)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-        if isinstance(prompt_ids, str):
-            prompt_ids = self.tokenizer.encode(prompt_ids)
-        prompt_ids = [int(i) for i in prompt_ids]
-        if not prompt_ids:
-            raise RequestError("empty prompt: at least one token is needed")
-        if len(prompt_ids) >= self.max_seq_len:
-            raise RequestError(f"prompt of {len(prompt_ids)} tokens is longer than the context: at most "
-                               f"{self.max_seq_len - 1} tokens leave room for an answer")
-        if params.max_new_tokens is not None and params.max_new_tokens > self.max_new_tokens_limit:
-            raise RequestError(f"max_new_tokens={params.max_new_tokens} is above this server's limit "
-                               f"of {self.max_new_tokens_limit}")
+        prompt_ids, params = self._prepare(prompt_ids, params, kwargs)
         h = RequestHandle(request_id or f"req-{next(self._ids)}", prompt_ids, params, self)
         with self._cv:
             if self._closing or self._thread is None:
@@ -235,11 +220,8 @@ class VLLMEngine:
                     self._counters["cancelled"] += 1
                     h._emit(StreamEvent(h.id, "", [], True, "cancelled", len(h.prompt_ids), 0))
                     continue
-                limit = min(self.max_seq_len - len(h.prompt_ids), self.max_new_tokens_limit,
-                            *(x for x in (h.params.max_new_tokens,) if x is not None))
-                if h.params.max_length is not None:
-                    limit = min(limit, h.params.max_length - len(h.prompt_ids))
-                vp = to_vllm_params(h.params, len(h.prompt_ids), max(limit, 1), self._vllm)
+                vp = to_vllm_params(h.params, len(h.prompt_ids), max(self._limit(len(h.prompt_ids), h.params), 1),
+                                    self._vllm)
                 eng.add_request(h.id, {"prompt_token_ids": h.prompt_ids}, vp)
                 self._live[h.id] = {"h": h, "n": 0, "dec": StreamDecoder(self.tokenizer, skip_ids=self._special),
                                     "stop": StopMatcher(h.params.stop_strings),
