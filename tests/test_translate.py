@@ -156,7 +156,8 @@ class FakeOpenAI:
 
 
 def client(url, **kw):
-    kw = {"timeout": 1.0, "concurrency": 8, "max_retries": 4, "backoff": 0.01, **kw}
+    # 2 s: below the fake server's injected hang (3 s), above a slow answer on a loaded 2-core CI machine
+    kw = {"timeout": 2.0, "concurrency": 8, "max_retries": 4, "backoff": 0.01, **kw}
     return OpenAIBackend(url, **kw)
 
 
@@ -440,7 +441,8 @@ def test_request_errors_are_counted_and_retried_next_run(tmp_path):
     texts = make_corpus(root)
     out = tmp_path / "ar.jsonl"
     with FakeOpenAI(faults=None, fail_status={"ZZSHORT": 400}) as srv:
-        rep = translate_corpus(cfg_for(root, out, inputs=["english/books.jsonl"]), client(srv.url))
+        # no injected hangs here: a generous timeout, so a loaded CI machine adds no timeout errors
+        rep = translate_corpus(cfg_for(root, out, inputs=["english/books.jsonl"]), client(srv.url, timeout=15.0))
         assert rep["docs"]["failed"] == 1 and rep["backend"]["errors"] == {"http_4xx": 1}
         assert rep["failed_examples"][0]["id"].endswith("#short")
         srv.fail_status = {}

@@ -399,6 +399,23 @@ class EngineBackend(_Base):
 # ---------------------------------------------------------------------------------------------
 # CLI glue shared by translate and synth
 
+async def run_bounded(jobs, worker, max_inflight: int, fatal: list) -> None:
+    """Run ``worker(*args)`` for every ``args`` of the iterable ``jobs``, at most ``max_inflight`` at
+    once (the iterable is consumed lazily, so a huge input is never read ahead). A worker that
+    records an exception in ``fatal`` (e.g. 401 from the server) stops the run with that exception;
+    any other failure propagates as itself rather than as an ExceptionGroup."""
+    inflight = asyncio.Semaphore(max_inflight)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for args in jobs:
+                await inflight.acquire()
+                tg.create_task(worker(*args)).add_done_callback(lambda _t: inflight.release())
+    except BaseExceptionGroup as eg:
+        if fatal:
+            raise fatal[0] from None
+        raise eg.exceptions[0] if len(eg.exceptions) == 1 else eg
+
+
 def add_backend_arguments(parser) -> None:
     g = parser.add_argument_group("teacher backend (one of --model / --endpoint)")
     g.add_argument("--model", help="a dhad model directory, run in process through the batching engine")

@@ -43,7 +43,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dhad.data.backends import (BackendUnavailable, GenParams, RequestFailed, add_backend_arguments,
+from dhad.data.backends import (BackendUnavailable, GenParams, RequestFailed, add_backend_arguments, run_bounded,
                                 backend_from_args, gen_params_from_args)
 from dhad.data.dedup import DedupConfig, Deduplicator, exact_key, signature
 from dhad.data.readers import ReadStats, read_documents
@@ -373,28 +373,23 @@ async def _run(cfg: SynthConfig, backend, seeds: list[Seed], stats: ReadStats, r
             progress.update(1)
             progress.set_postfix(kept=c["kept"], rejected=c["rejected"], refresh=False)
 
-    inflight = asyncio.Semaphore(cfg.max_inflight or max(4, 2 * getattr(backend, "concurrency", 2)))
-    started = 0
+    def jobs(kept_w, rej_w):
+        started = 0
+        for seed in seeds:
+            for k in range(cfg.samples):
+                cid = f"{seed.id}#{k}"
+                if cid in done:
+                    c["already_done"] += 1
+                    continue
+                if cfg.limit is not None and started >= cfg.limit:
+                    break
+                started += 1
+                yield seed, k, cid, kept_w, rej_w
+
     try:
         with JsonlAppender(out) as kept_w, JsonlAppender(rej_path) as rej_w:
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    for seed in seeds:
-                        for k in range(cfg.samples):
-                            cid = f"{seed.id}#{k}"
-                            if cid in done:
-                                c["already_done"] += 1
-                                continue
-                            if cfg.limit is not None and started >= cfg.limit:
-                                break
-                            await inflight.acquire()
-                            t = tg.create_task(one(seed, k, cid, kept_w, rej_w))
-                            t.add_done_callback(lambda _t: inflight.release())
-                            started += 1
-            except BaseExceptionGroup as eg:
-                if fatal:
-                    raise fatal[0] from None
-                raise eg.exceptions[0] if len(eg.exceptions) == 1 else eg
+            await run_bounded(jobs(kept_w, rej_w), one, cfg.max_inflight or max(4, 2 * getattr(backend, "concurrency", 2)),
+                              fatal)
     finally:
         if progress is not None:
             progress.close()

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from dhad.data.backends import (BackendUnavailable, GenParams, RequestFailed, add_backend_arguments,
+from dhad.data.backends import (BackendUnavailable, GenParams, RequestFailed, add_backend_arguments, run_bounded,
                                 backend_from_args, gen_params_from_args)
 from dhad.data.filters import script_counts
 from dhad.data.readers import SUFFIXES, Doc, ReadStats, expand_inputs, read_documents
@@ -527,23 +527,16 @@ async def _run(cfg: TranslateConfig, backend, files) -> dict:
             progress.update(1)
             progress.set_postfix(kept=c["kept"], rejected=c["rejected"], failed=c["failed"], refresh=False)
 
-    inflight = asyncio.Semaphore(cfg.max_inflight_docs or max(4, 2 * getattr(backend, "concurrency", 2)))
-    n_started = 0
+    def jobs(kept_w, rej_w):
+        for n, (did, doc) in enumerate(docs()):
+            if cfg.limit is not None and n >= cfg.limit:
+                break
+            yield did, doc, kept_w, rej_w
+
     try:
         with JsonlAppender(out) as kept_w, JsonlAppender(rej_path) as rej_w:
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    for did, doc in docs():
-                        if cfg.limit is not None and n_started >= cfg.limit:
-                            break
-                        await inflight.acquire()
-                        task = tg.create_task(one(did, doc, kept_w, rej_w))
-                        task.add_done_callback(lambda _t: inflight.release())
-                        n_started += 1
-            except BaseExceptionGroup as eg:
-                if fatal:
-                    raise fatal[0] from None
-                raise eg.exceptions[0] if len(eg.exceptions) == 1 else eg
+            await run_bounded(jobs(kept_w, rej_w), one,
+                              cfg.max_inflight_docs or max(4, 2 * getattr(backend, "concurrency", 2)), fatal)
     finally:
         if progress is not None:
             progress.close()
