@@ -114,6 +114,12 @@ def test_prepare_prefs_counts_every_drop(tok_dir, tmp_path):
     got = sorted(enc.tok.decode(x["chosen_ids"].tolist()) for ps in (tr, va) for x in ps)
     assert got == sorted(f" good answer {i}{EOT}" for i in range(20))
     assert tr.meta["kind"] == "prefs" and tr.meta["tokenizer_hash"] == enc.hash
+    assert rep["group_by"] == "context"
+    # --group-by reaches the split: a field no row has falls back to the context, counted
+    assert dhad_main(["data", "prefs", "--data", str(tmp_path / "p.jsonl"), "--tokenizer", tok_dir, "--out",
+                      str(tmp_path / "out2"), "--max-len", "256", "--format", "jais", "--group-by", "doc"]) == 0
+    rep2 = json.loads((tmp_path / "out2" / "prefs_report.json").read_text())
+    assert rep2["group_by"] == "doc" and rep2["group_field_missing"] == 20
     # bad tokenizer path: a clear error, exit 2, previous output untouched
     assert dhad_main(["data", "prefs", "--data", str(tmp_path / "p.jsonl"), "--tokenizer", str(tmp_path / "nope"),
                       "--out", str(out)]) == 2
@@ -134,3 +140,104 @@ def test_real_hh_rlhf_malformed_rows(shared_data, tok_dir, tmp_path):
     assert idx("non_alternating") == {667, 763, 1319, 1849}
     n = sum(s["pairs"] for s in rep["splits"].values())
     assert n == 2307 - 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Group-aware split: all pairs about one paragraph / conversation land in one split
+
+def test_prompt_context():
+    from dhad.data.prefs import prompt_context
+    par = "The river is old.\n\nIt is long."
+    assert prompt_context([U(par + "\n\nHow old is the river?")]) == [U(par)]      # paragraph + question
+    assert prompt_context([U(par + "\n\n- كم عمر النهر؟\n")]) == [U(par)]         # ARCD's "- question"
+    assert prompt_context([U("q1"), A("a1"), U("q2")]) == [U("q1"), A("a1")]     # the conversation so far
+    assert prompt_context([U("just a question")]) == [U("just a question")]      # its own group
+    sys_ = {"role": "system", "content": "Be brief."}
+    assert prompt_context([sys_, U("just a question")]) == [sys_, U("just a question")]
+    assert prompt_context([sys_, U("q1"), A("a1"), U("q2")]) == [U("q1"), A("a1")]  # a shared system prompt groups nothing
+
+
+def _qa_rows(n_par, seed):
+    """Derived-QA-shaped rows: several questions per paragraph, each pair's answers mirrored in another
+    pair of the same paragraph (the shared data's construction), plus independent single questions."""
+    rng = random.Random(seed)
+    words = "the a river city is old new big small ما هي المدينة النهر كبير".split()
+    rows = []
+    for p in range(n_par):
+        par = " ".join(rng.choice(words) for _ in range(10)) + f" {p}"
+        answers = [f"answer {p}.{q}" for q in range(rng.randint(1, 5))]
+        for q, a in enumerate(answers):
+            other = answers[(q + 1) % len(answers)] if len(answers) > 1 else f"wrong {p}"
+            rows.append({"prompt": [U(f"{par}\n\nquestion {q} about {p}?")], "chosen": a, "rejected": other,
+                         "doc": f"d{p // 2}", "paragraph": par})
+    for i in range(n_par // 2):
+        rows.append({"prompt": f"standalone question {i}?", "chosen": f"yes {i}", "rejected": f"no {i}"})
+    return rows
+
+
+def _split_rows(tok_dir, tmp_path, rows, name, **kw):
+    f = tmp_path / f"{name}.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / name
+    rep = prepare_prefs(PrefsConfig(inputs=[str(f)], tokenizer=tok_dir, out=str(out), chat_format="jais",
+                                    max_len=None, **kw))
+    enc = Encoder(tok_dir)
+    chosen = {s: [enc.tok.decode(x["chosen_ids"].tolist()) for x in PrefsSet.open(out, s)]
+              for s in ("train", "validation")}
+    return rep, chosen
+
+
+def test_group_split_keeps_paragraphs_together(tok_dir, tmp_path):
+    rows = _qa_rows(160, 3)
+    para_of = {f" {r['chosen']}{EOT}": r.get("paragraph", r["chosen"]) for r in rows}
+    n_groups = len(set(para_of.values()))
+    rep, chosen = _split_rows(tok_dir, tmp_path, rows, "a", val_fraction=0.2, seed=5)
+    assert rep["group_by"] == "context"
+    tr, va = ({para_of[c] for c in chosen[s]} for s in ("train", "validation"))
+    assert not tr & va                                                    # no paragraph in both splits
+    assert len(chosen["train"]) + len(chosen["validation"]) == len(rows)
+    assert rep["splits"]["train"]["groups"] + rep["splits"]["validation"]["groups"] == n_groups == len(tr | va)
+    # the validation share of groups is a Binomial(n_groups, 0.2) draw: within 3 standard deviations
+    sd = (n_groups * 0.2 * 0.8) ** 0.5
+    assert abs(len(va) - 0.2 * n_groups) < 3 * sd
+    assert 0.1 < len(chosen["validation"]) / len(rows) < 0.3              # pairs: roughly as asked too
+    # deterministic: the same input and seed give the same split; another seed another split
+    _, again = _split_rows(tok_dir, tmp_path, rows, "b", val_fraction=0.2, seed=5)
+    assert again == chosen
+    _, other = _split_rows(tok_dir, tmp_path, rows, "c", val_fraction=0.2, seed=6)
+    assert set(other["validation"]) != set(chosen["validation"])
+    # the old behaviour, by whole prompt, puts paragraphs in both splits (what the default now prevents)
+    _, by_prompt = _split_rows(tok_dir, tmp_path, rows, "d", val_fraction=0.2, seed=5, group_by="prompt")
+    assert {para_of[c] for c in by_prompt["train"]} & {para_of[c] for c in by_prompt["validation"]}
+
+
+def test_group_split_by_field(tok_dir, tmp_path):
+    rows = _qa_rows(80, 4)
+    doc_of = {f" {r['chosen']}{EOT}": r.get("doc") for r in rows}
+    rep, chosen = _split_rows(tok_dir, tmp_path, rows, "f", val_fraction=0.3, seed=1, group_by="doc")
+    tr = {doc_of[c] for c in chosen["train"] if doc_of[c]}
+    va = {doc_of[c] for c in chosen["validation"] if doc_of[c]}
+    assert tr and va and not tr & va                                      # one document, one split
+    assert rep["group_field_missing"] == 40                               # the standalone rows: by context
+    assert len(chosen["train"]) + len(chosen["validation"]) == len(rows)
+
+
+@pytest.mark.data
+def test_real_derived_pairs_split_by_paragraph(shared_data, tok_dir, tmp_path):
+    f = shared_data / "preference" / "derived" / "xquad_qa_pairs_en.jsonl"
+    rows = [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines()]
+    # MANIFEST: prompt = paragraph + "\n\n" + question; several questions per paragraph
+    pars = {r["prompt"][-1]["content"].rsplit("\n\n", 1)[0] for r in rows}
+    rep = prepare_prefs(PrefsConfig(inputs=[str(f)], tokenizer=tok_dir, out=str(tmp_path), chat_format="jais",
+                                    max_len=None, val_fraction=0.1, seed=0))
+    enc = Encoder(tok_dir)
+    got = {}
+    for s in ("train", "validation"):
+        prompts = [enc.tok.decode(x["prompt_ids"].tolist()) for x in PrefsSet.open(tmp_path, s)]
+        got[s] = {p for p in pars if any(p in t for t in prompts)}
+    assert got["train"] | got["validation"] == pars
+    assert not got["train"] & got["validation"]                           # no paragraph in both splits
+    n = rep["splits"]["train"]["pairs"] + rep["splits"]["validation"]["pairs"]
+    assert n == len(rows)
+    groups = rep["splits"]["train"]["groups"] + rep["splits"]["validation"]["groups"]
+    assert groups == len(pars) and 0.03 < rep["splits"]["validation"]["pairs"] / n < 0.2

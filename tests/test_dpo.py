@@ -208,6 +208,35 @@ def test_reference_model_and_table_untouched_by_training(world):
 
 
 # ---------------------------------------------------------------------------------------------
+# Throughput counts real tokens; the reference pass is silent when progress is off
+
+@pytest.mark.parametrize("share", [True, False])
+def test_tokens_processed_counts_real_tokens(world, share):
+    obj = DPOObjective(beta=0.1, reference="frozen", share_prompt=share)
+    obj.open_source("syn", world / "prefs", "train", 0, False)
+    model = load_model(world / "sft")
+    obj.setup(model, _recipe(world, "count"), "cpu", run_dir=None)
+    view = obj.views[("train", "syn")]
+    items = [view[j] for j in range(5)]
+    obj.loss(model, obj.collate(items, "cpu"))
+    # by hand, no padding: the prompt once (shared-prompt layout) or once per answer row (concatenated)
+    want = sum((1 if share else 2) * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in items)
+    assert obj.metrics()["tokens_processed"] == want
+    with torch.no_grad():  # an evaluation batch padded in only to keep ranks in step counts nowhere
+        b = obj.collate(items, "cpu")
+        b["lockstep_only"] = True
+        obj.loss(model, b)
+    assert obj.eval_metrics() == {}
+
+
+def test_no_reference_progress_bar_without_progress(world, capfd):
+    train(_recipe(world, "quiet", steps=1), run_dir=world / "run-quiet", progress=False)
+    assert "reference log-probs" not in capfd.readouterr().err
+    compute_logps(load_model(world / "sft"), _random_pairs(4, 3), progress=True)  # the bar the run kept quiet
+    assert "reference log-probs" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
 # Resume
 
 def test_resume_reproduces_uninterrupted_run(world):

@@ -8,7 +8,8 @@ Held-out pairs: for the training questions, *new* pairs never trained on — the
 different wrong answer from the same paragraph (the MANIFEST's own construction with another negative).
 DPO must have raised the gold answer's likelihood given its question, not memorised one pair.
 (Held-out *paragraphs* are a much harder test for a 0.2M-parameter model: see docs/dpo.md for the numbers,
-and for why `dhad data prefs`' prompt-hash split leaks mirrored pairs on this data.)
+and for why a split by whole prompt leaks mirrored pairs on this data; `dhad data prefs` now groups
+by paragraph.)
 """
 from __future__ import annotations
 

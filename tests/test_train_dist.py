@@ -49,7 +49,9 @@ def setup(tmp_path_factory):
               "data": {"sources": {"en": "en", "ar": "ar"}},
               "stages": [{"name": "embeddings", "tokens": 2 * 8 * 32, "mix": {"en": 1, "ar": 1}, "trainable": "embeddings"},
                          {"name": "all", "tokens": 4 * 8 * 32, "mix": {"en": 1, "ar": 2}, "trainable": "all"}],
-              "optimizer": {"lr": 1e-2, "weight_decay": 0.1, "fused": False},  # FSDP's DTensors take foreach: same kernel "schedule": {"warmup_steps": 2, "min_lr": 1e-3},
+              # fused=False: FSDP's DTensors take foreach, so 1 and 2 processes run the same kernel
+              "optimizer": {"lr": 1e-2, "weight_decay": 0.1, "fused": False},
+              "schedule": {"warmup_steps": 2, "min_lr": 1e-3},
               "batch": {"micro_batch_size": 2, "global_batch_size": 8, "seq_len": 32},
               "precision": "fp32", "eval_batches": 2, "peak_flops": 1e12}
     path = root / "recipe.yaml"

@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--truncation", choices=("left", "drop"), default="left",
                    help="over-long pairs: left-truncate the prompt (responses stay whole) or drop them")
     f.add_argument("--min-prompt-tokens", type=int, default=8)
+    f.add_argument("--group-by", default="context",
+                   help="train/validation split key, one group in one split: context (the prompt without its "
+                        "last question: a paragraph's pairs stay together), prompt, or a row field")
 
     import importlib
     for name, (module, add, _, help_) in EXTERNAL.items():
@@ -171,7 +174,7 @@ def _prefs(args, root) -> int:
                       chat_format=args.format, max_len=args.max_len or None, truncation=args.truncation,
                       min_prompt_tokens=args.min_prompt_tokens,
                       val_fraction=0.05 if args.val_fraction is None else args.val_fraction, seed=args.seed,
-                      allow_hub=args.hf, max_rows=args.max_rows)
+                      allow_hub=args.hf, max_rows=args.max_rows, group_by=args.group_by)
     report = prepare_prefs(cfg)
     print(format_prefs_report(report))
     print(f"\nwrote {args.out}/train, {args.out}/validation and {args.out}/prefs_report.json")

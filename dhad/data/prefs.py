@@ -23,6 +23,20 @@ Length: with ``max_len``, a pair whose ``prompt + longer response`` exceeds it i
 pair is still dropped as ``too_long`` if fewer than ``min_prompt_tokens`` prompt tokens would remain) or
 dropped (``truncation="drop"``).
 
+Split: pairs are assigned to train / validation by a *group* key, so that every pair of one group lands in
+the same split (``group_by``):
+
+* ``context`` (default): the prompt without its final question — the conversation before the last user
+  turn plus that turn minus its last paragraph (``\n\n``-separated), system messages left out; a prompt
+  that is nothing but its question is its own group. Derived QA pairs (paragraph + question, several
+  questions per paragraph, answers mirrored between pairs) thus keep a paragraph in one split; hh-rlhf
+  conversations stay independent (2,297 groups for the 2,299 harmless pairs kept).
+* ``prompt``: the whole prompt (pairs sharing a prompt exactly).
+* any other name: that field of the input row (e.g. a document or conversation id); rows without it fall
+  back to ``context`` and are counted (``group_field_missing`` in the report).
+A hash of (key, seed) decides, so the split is deterministic and the validation share is ``val_fraction``
+of the groups (of the pairs only on average: groups differ in size).
+
 Every pair not written is counted with its reason: read problems (``invalid_utf8``, ``malformed_json``,
 ``missing_file``, ``empty``), ``missing_fields``, ``bad_type``, ``empty_answer``, ``identical``,
 ``prefixes_differ``, ``non_alternating`` (roles out of order — e.g. two assistant turns in a row),
@@ -143,6 +157,34 @@ class PrefsConfig:
     seed: int = 0
     allow_hub: bool = False
     max_rows: int | None = None
+    group_by: str = "context"    # context | prompt | a row field name (see the module docstring)
+
+
+def prompt_context(prompt: list[dict]) -> list[dict]:
+    """The prompt without its final question: earlier turns plus the last turn minus its last paragraph
+    (system messages left out). A prompt that is only its question is returned whole (its own group)."""
+    conv = [m for m in prompt if m["role"] != "system"]
+    if not conv:
+        return prompt
+    *head, last = conv
+    parts = last["content"].rstrip().rsplit("\n\n", 1)
+    if len(parts) == 2 and parts[0].strip():
+        return head + [{"role": last["role"], "content": parts[0].strip()}]
+    return head if head else prompt
+
+
+def group_key(row: dict, prompt: list[dict], group_by: str) -> tuple[bytes, bool]:
+    """(split key, whether `group_by` named a field this row lacks) for one pair."""
+    if group_by == "prompt":
+        return hashlib.sha1(b"p" + repr(prompt).encode("utf-8")).digest(), False
+    if group_by != "context":
+        v = row.get(group_by)
+        if isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v) != "":
+            return hashlib.sha1(b"f" + repr(v).encode("utf-8")).digest(), False
+        missing = True
+    else:
+        missing = False
+    return hashlib.sha1(b"c" + repr(prompt_context(prompt)).encode("utf-8")).digest(), missing
 
 
 def encode_pair(enc, fmt, prompt: list[dict], chosen: str, rejected: str):
@@ -210,6 +252,8 @@ def prepare_prefs(cfg: PrefsConfig) -> dict:
     enc = Encoder(cfg.tokenizer)
     fmt = resolve_format(cfg.chat_format, cfg.tokenizer)
     stats, reasons, examples_of = ReadStats(), Counter(), {}
+    groups = {"train": set(), "validation": set()}
+    no_field = 0
     out = Path(cfg.out)
     common = dict(vocab_size=enc.vocab_size, eos_token_id=enc.eos_token_id, pad_token_id=enc.pad_token_id,
                   bos_token_id=enc.bos_token_id, tokenizer_hash=enc.hash,
@@ -236,8 +280,10 @@ def prepare_prefs(cfg: PrefsConfig) -> dict:
                 continue
             if truncated:
                 reasons["truncated"] += 1
-            key = hashlib.sha1(repr(prompt).encode("utf-8")).digest()  # same prompt -> same split
+            key, missing = group_key(doc.row, prompt, cfg.group_by)  # one group -> one split
+            no_field += missing
             split = "validation" if _is_val(key, cfg.seed, cfg.val_fraction) else "train"
+            groups[split].add(key[:8])
             writers[split].add_pair(p_ids, c_ids, r_ids, source=doc.source)
             counts[split] += 1
         if stats.records == 0:
@@ -248,10 +294,12 @@ def prepare_prefs(cfg: PrefsConfig) -> dict:
         raise
     summary = {}
     for s, w in writers.items():
-        summary[s] = {"pairs": w.meta["n_docs"], "tokens": w.meta["n_tokens"], "sources": dict(w.meta["sources"])}
+        summary[s] = {"pairs": w.meta["n_docs"], "tokens": w.meta["n_tokens"], "groups": len(groups[s]),
+                      "sources": dict(w.meta["sources"])}
         w.close()
     report = {"inputs": stats.to_dict(), "dropped": {k: v for k, v in reasons.items() if k != "truncated"},
               "truncated": reasons.get("truncated", 0), "dropped_examples": examples_of, "splits": summary,
+              "group_by": cfg.group_by, "group_field_missing": no_field,
               "chat_format": fmt.name, "tokenizer": {"path": str(cfg.tokenizer), "hash": enc.hash},
               "config": _jsonable(asdict(cfg))}
     _write_json_atomic(out / "prefs_report.json", report)
@@ -267,7 +315,10 @@ def format_prefs_report(r: dict) -> str:
     if r["truncated"]:
         lines.append(f"  kept, prompt left-truncated   {r['truncated']:>7}")
     for s, m in r["splits"].items():
-        lines.append(f"{s:<11} {m['pairs']:>7} pairs  {m['tokens']:>10} tokens")
+        lines.append(f"{s:<11} {m['pairs']:>7} pairs  {m['tokens']:>10} tokens  {m.get('groups', 0):>7} groups")
+    lines.append(f"split by {r.get('group_by', 'prompt')}: no group in both splits")
+    if r.get("group_field_missing"):
+        lines.append(f"  rows without field {r['group_by']!r} (grouped by context) {r['group_field_missing']:>7}")
     return "\n".join(lines)
 
 

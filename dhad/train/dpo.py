@@ -36,6 +36,12 @@ Design choices
   never negative, and unbiased for KL(π_ref‖π) when the answers are samples of the reference, which the
   SFT parent (trained on such answers) approximately makes them. It is zero while π = π_ref and grows as
   the policy drifts; DPO lowers both answers' likelihoods, so the plain mean log-ratio (negative) is no KL.
+- **Many processes** (torchrun; DDP or FSDP2): the reference pass is dealt round-robin to the ranks and
+  all-gathered (rank 0 writes the cache); metrics are all-reduced; evaluation padding batches (which keep
+  FSDP's collective forwards in step) are not counted. Under FSDP2 the frozen reference is sharded too and
+  the policy runs the concatenated layout (why: setup()). N processes reproduce 1 process (tested).
+- **Throughput**: ``tokens_processed`` in each step record counts the real tokens the policy ran (prompt once
+  + chosen + rejected, no padding); the loop's ``tokens_per_s`` and ``mfu`` use it.
 - **Malformed pairs** (empty prompt/answer, identical answers, ids outside the vocabulary, longer than the
   model's context) are counted per reason, skipped, and reported in the run's ``dpo_report.json``; the
   run never crashes on them. Reading and rendering raw files is `dhad data prefs` (dhad.data.prefs).
@@ -468,6 +474,24 @@ def compute_logps(model, pairs: Sequence[Pair], batch_size: int = 16, share_prom
     return out.cpu()
 
 
+def _dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _is_main() -> bool:
+    return not _dist() or torch.distributed.get_rank() == 0
+
+
+def _all_ranks(flag: bool, device=None) -> bool:
+    """True when `flag` holds on every process (MIN all-reduce; NCCL reduces CUDA tensors only)."""
+    if not _dist():
+        return flag
+    dev = device if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=dev)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if enabled:
         try:
@@ -511,19 +535,22 @@ def cached_reference_logps(model, pairs: Sequence[Pair], path: str | os.PathLike
     from safetensors.torch import save_file
     path = Path(path)
     full_key = hashlib.sha256(f"{key}|{pairs_fingerprint(pairs)}|{autocast_dtype}|{share_prompt}".encode()).hexdigest()
+    t = None
     if path.exists():
         try:
             with safe_open(str(path), framework="pt") as f:
                 if (f.metadata() or {}).get("key") == full_key:
                     t = f.get_tensor("logps")
-                    if t.shape == (len(pairs), 2):
-                        return t, True
+                    if t.shape != (len(pairs), 2):
+                        t = None
         except Exception:  # noqa: BLE001 - a torn or foreign file is recomputed, never trusted
-            pass
+            t = None
+    # Every rank must take the same branch: computing is collective (all_gather). A rank that cannot
+    # read the cache (no shared filesystem, a file replaced meanwhile) makes all of them recompute.
+    if _all_ranks(t is not None, device):
+        return t, True
     t = compute_logps(model, pairs, batch_size, share_prompt, device, autocast_dtype, progress, desc)
-    is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-        or torch.distributed.get_rank() == 0
-    if is_main:
+    if _is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         save_file({"logps": t.contiguous(), "index": torch.tensor([p.index for p in pairs], dtype=torch.long)},
@@ -612,7 +639,13 @@ def validate_prefs(ps, vocab_size: int, source: str, split: str, report: PairRep
 # The `dpo` recipe type: loss + batch source for the shared training loop
 
 _STATS = ("n", "loss", "chosen_reward", "rejected_reward", "correct", "chosen_logp", "rejected_logp", "kl",
-          "likelihood_correct")
+          "likelihood_correct", "tokens")
+
+
+def processed_tokens(pairs: Sequence[Pair], share_prompt: bool) -> int:
+    """Real (non-padding) tokens one forward over `pairs` runs through the policy: prompt once + both
+    answers in the shared-prompt layout; prompt + answer per row (the prompt twice) in the concatenated one."""
+    return sum((1 if share_prompt else 2) * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
 
 
 def _objective_base():
@@ -648,6 +681,8 @@ class DPOObjective(_Objective):
         self.tables: dict[tuple[str, str], torch.Tensor] = {}  # (split, source) -> [n_source, 2] ref log-probs
         self.ref_model = None
         self.reference = None
+        self.share_prompt = self.cfg.share_prompt  # the layout of training batches (see setup())
+        self.progress = True                      # the loop sets this from its own `progress`
         self.device = torch.device("cpu")
         self.autocast_dtype = None
         self.pad_id = 0
@@ -697,6 +732,12 @@ class DPOObjective(_Objective):
         self.vocab_size = inner.config.vocab_size
         self.autocast_dtype = torch.bfloat16 if getattr(recipe, "precision", "fp32") == "bf16" else None
         self.reference = self.cfg.resolved_reference(self.device)
+        # FSDP2 passes every block input that requires grad through an autograd Function (to hook its
+        # post-backward), which turns the duplicated prompt KV cache into views that the attention's
+        # in-place cache write may not modify: under FSDP2 the policy runs TRL's concatenated layout
+        # (same numbers, tested). The precomputed reference pass runs before wrapping: either layout.
+        fsdp = getattr(recipe, "distributed", "none") == "fsdp"
+        self.share_prompt = self.cfg.share_prompt and not fsdp
         self.run_dir = Path(run_dir or recipe.out_dir) if (run_dir or getattr(recipe, "out_dir", None)) else None
         max_len = self._max_length(recipe.batch.seq_len)
         for (split, name), view in self.views.items():
@@ -716,7 +757,7 @@ class DPOObjective(_Objective):
                     self._view(name, path, val_split).restrict(max_len, self.reports[f"{val_split}/{name}"])
         key = init_fingerprint(recipe.model.init_from if getattr(recipe.model, "init_from", None) else inner)
         kw = dict(batch_size=self.cfg.ref_batch_size, share_prompt=self.cfg.share_prompt, device=self.device,
-                  autocast_dtype=self.autocast_dtype, progress=True)
+                  autocast_dtype=self.autocast_dtype, progress=self.progress)
         info = {}
         import time
         t0 = time.perf_counter()
@@ -744,15 +785,23 @@ class DPOObjective(_Objective):
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
             self.ref_model.eval()
+            if fsdp and _dist():
+                # shard the frozen copy like the policy: a whole second model per GPU would undo FSDP's saving.
+                # Its forwards are collective, which holds: every rank runs the same micro batches (the
+                # loop pads evaluation rounds with lockstep-only batches).
+                from dhad.train.distributed import DistEnv, wrap_model
+                wrap_model(self.ref_model, "fsdp", DistEnv(torch.distributed.get_rank(),
+                           torch.distributed.get_world_size(), device=self.device),
+                           getattr(recipe, "precision", "fp32"))
         self._write_report({"reference": {"mode": self.reference, "tables": info,
-                                          "seconds": round(time.perf_counter() - t0, 3)}})
+                                          "seconds": round(time.perf_counter() - t0, 3)},
+                            "layout": "shared_prompt" if self.share_prompt else "concatenated"})
 
     def _write_report(self, extra: dict) -> None:
         rep = {"config": asdict(self.cfg), **extra,
                "pairs": {k: r.to_dict() for k, r in self.reports.items()}}
         self.summary = rep
-        is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-            or torch.distributed.get_rank() == 0
+        is_main = _is_main()
         if self.run_dir is not None and is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.run_dir / (REPORT + f".tmp-{os.getpid()}")
@@ -765,7 +814,8 @@ class DPOObjective(_Objective):
 
     # -- batches and loss -----------------------------------------------------------------------
     def collate(self, items, device) -> dict:
-        b = collate(items, self.cfg.share_prompt, self.pad_id, device)
+        b = collate(items, self.share_prompt, self.pad_id, device)
+        b["n_tokens"] = processed_tokens(items, self.share_prompt)  # a host int: no device sync to count
         if self.ref_model is None and self.tables:
             ref = []
             for p in items:
@@ -793,16 +843,18 @@ class DPOObjective(_Objective):
             rc, rr = r[:B], r[B:]
         out = preference_loss(lp[:B], lp[B:], rc, rr, self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing,
                               batch["n_chosen"], batch["n_rejected"])
-        self._accumulate("train" if torch.is_grad_enabled() else "eval", out)
+        if not batch.get("lockstep_only"):  # a padding batch the loop runs only to keep ranks in step
+            self._accumulate("train" if torch.is_grad_enabled() else "eval", out, batch.get("n_tokens", 0))
         return out.losses.sum(), torch.tensor(B, device=lp.device)
 
-    def _accumulate(self, mode: str, out: PreferenceOutput) -> None:
+    def _accumulate(self, mode: str, out: PreferenceOutput, tokens: int = 0) -> None:
         cr, rr = out.chosen_rewards.double(), out.rejected_rewards.double()
         kl = kl_estimate(out, self.cfg.beta).double()
         v = torch.stack([torch.tensor(float(cr.numel()), dtype=torch.float64), out.losses.detach().double().sum(),
                          cr.sum(), rr.sum(), pair_correct(cr, rr, self.cfg.beta).sum(), out.chosen_logps.double().sum(),
                          out.rejected_logps.double().sum(), kl.sum(),
-                         (out.chosen_logps > out.rejected_logps).double().sum()]).cpu()
+                         (out.chosen_logps > out.rejected_logps).double().sum(),
+                         torch.tensor(float(tokens), dtype=torch.float64)]).cpu()
         self._acc[mode] += v
 
     def _drain(self, mode: str) -> dict:
@@ -818,7 +870,11 @@ class DPOObjective(_Objective):
         if not n:
             return {}
         pre = "" if mode == "train" else "eval/"
-        return {f"{pre}rewards/chosen": s["chosen_reward"] / n, f"{pre}rewards/rejected": s["rejected_reward"] / n,
+        # tokens_processed: real tokens the policy ran since the previous record, all processes, no padding
+        # (shared-prompt layout: prompt once + chosen + rejected; concatenated: the prompt twice). The
+        # loop's tokens_per_s and mfu use it instead of its plan's pairs x seq_len.
+        tok = {"tokens_processed": int(s["tokens"])} if mode == "train" else {}
+        return {**tok, f"{pre}rewards/chosen": s["chosen_reward"] / n, f"{pre}rewards/rejected": s["rejected_reward"] / n,
                 f"{pre}rewards/margin": (s["chosen_reward"] - s["rejected_reward"]) / n,
                 f"{pre}rewards/accuracy": s["correct"] / n, f"{pre}logps/chosen": s["chosen_logp"] / n,
                 f"{pre}logps/rejected": s["rejected_logp"] / n, f"{pre}kl": s["kl"] / n,

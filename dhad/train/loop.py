@@ -221,6 +221,8 @@ def evaluate(model, objective: Objective, val_sets: dict[str, list], micro_bs: i
             k = r * env.world_size + env.rank
             real = k < len(batches)
             batch = objective.collate(batches[k if real else 0], env.device)
+            if not real:  # run only so every rank joins every forward: the objective must not count it
+                batch["lockstep_only"] = True
             with autocast():
                 s, n = objective.loss(model, batch)
             if real:
@@ -229,6 +231,11 @@ def evaluate(model, objective: Objective, val_sets: dict[str, list], micro_bs: i
         by_src[name] = float(acc[0] / acc[1]) if acc[1] > 0 else float("nan")
         tot_s += float(acc[0])
         tot_n += float(acc[1])
+    if hasattr(model, "reshard"):
+        # FSDP2 keeps the root's parameters unsharded after a no-grad forward: .parameters() would then
+        # list plain tensors whose .grad stays None (grad norm / clipping miss the embeddings and LM head)
+        # and a checkpoint would record no optimizer state for them. Put the sharded ones back.
+        model.reshard()
     return {"val_loss": tot_s / tot_n if tot_n else float("nan"), "val_loss_by_source": by_src}
 
 
@@ -286,6 +293,7 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
     strategy = D.resolve_strategy(recipe.distributed, env)
     torch.manual_seed(recipe.seed)
     objective = get_objective(recipe.type, recipe.objective)
+    objective.progress = progress  # an objective's own long passes (DPO's reference) show a bar only if asked
 
     # -- data + model -------------------------------------------------------------------------
     paths = {n: Path(p) for n, p in recipe.data.sources.items()}
@@ -420,12 +428,15 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
             if recipe.log_every and (step % recipe.log_every == 0 or step == plan.total_steps):
                 now = time.perf_counter()
                 toks = plan.tokens_before(step)
-                tps = (toks - tok_last) / max(now - t_last, 1e-9)
+                extra = objective.metrics()
+                # tokens the model really ran, when the objective counts them (DPO: pairs have no fixed
+                # length), else the plan's tokens
+                tps = extra.get("tokens_processed", toks - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, toks
                 mfu = cfg.flops_per_token(seg.seq_len) * tps / peak if peak else None
                 log.step({"step": step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens": toks,
                           "seq_len": seg.seq_len, "stage": plan.stage_names[seg.stage], "tokens_per_s": tps,
-                          "mfu": mfu, "elapsed_s": now - t0, **objective.metrics()}, n=step - last_logged)
+                          "mfu": mfu, "elapsed_s": now - t0, **extra}, n=step - last_logged)
                 last_logged = step
             if do_eval and recipe.eval_every and step % recipe.eval_every == 0 and step < plan.total_steps:
                 run_eval(step)
