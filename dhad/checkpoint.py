@@ -200,27 +200,21 @@ def load_config(model_dir: str | os.PathLike) -> Config:
     return Config.from_file(Path(model_dir) / "config.json")
 
 
-def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download: bool = False) -> Transformer:
-    """Load a Jais- or Llama-layout HF model directory into a dhad Transformer (eval mode)."""
-    model_dir = resolve_model_dir(path, download=download)
-    config = load_config(model_dir)
-    dt = to_dtype(dtype)
+def _read_tensors(model_dir: Path, config, expected: dict[str, tuple]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dhad name, tensor) for every tensor of the checkpoint, one at a time (safetensors are memory
+    mapped), shapes checked against ``expected``; unexpected tensors in the files are an error."""
     src = _TensorSource(model_dir)
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = {n: p for n, p in model.named_parameters()}
-    state: dict[str, torch.Tensor] = {}
     try:
         for name, hf_names, to_dhad, _ in _key_map(config):
             parts = [src.get(n) for n in hf_names]
             t = to_dhad(parts)
-            want = tuple(expected[name].shape)
+            want = expected[name]
             if tuple(t.shape) != want:
                 shapes = ", ".join(f"{n} {tuple(x.shape)}" for n, x in zip(hf_names, parts))
                 raise CheckpointError(f"{src.where[hf_names[0]]}: shape mismatch for {shapes}: the config "
                                       f"({model_dir / 'config.json'}) expects {name} {want}, got {tuple(t.shape)}")
-            state[name] = t.to(device=device, dtype=dt)
             del parts
+            yield name, t
         known = {n for _, hf, _, _ in _key_map(config) for n in hf}
         unexpected = [k for k in src.where if k not in known and not _ignored(k) and k != "lm_head.weight"]
         if unexpected:
@@ -228,6 +222,17 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
                                   f"{' ...' if len(unexpected) > 5 else ''}")
     finally:
         src.close()
+
+
+def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download: bool = False) -> Transformer:
+    """Load a Jais- or Llama-layout HF model directory into a dhad Transformer (eval mode)."""
+    model_dir = resolve_model_dir(path, download=download)
+    config = load_config(model_dir)
+    dt = to_dtype(dtype)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    state = {name: t.to(device=device, dtype=dt) for name, t in _read_tensors(model_dir, config, expected)}
     if config.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -237,6 +242,25 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
         from dhad.model import alibi_slopes
         model.alibi_slopes = alibi_slopes(config.n_head).to(device)
     return model.eval()
+
+
+def load_into(model: Transformer, path: str | os.PathLike) -> Transformer:
+    """Fill an existing model's parameters from a checkpoint, tensor by tensor -- in particular a model
+    built on the meta device and sharded with FSDP2, then `to_empty`'d: each rank keeps only its
+    shard of each tensor (`dhad.model.assign_full`), so no rank ever holds the whole model.
+    The checkpoint's config must give the model's shapes (a mismatch names the tensor)."""
+    from dhad.model import alibi_slopes, assign_full
+    model_dir = resolve_model_dir(path)
+    config = load_config(model_dir)
+    params = dict(model.named_parameters())  # a tied lm_head is wte: listed once
+    expected = {n: tuple(p.shape) for n, p in params.items()}
+    expected.setdefault("lm_head.weight", expected["wte.weight"])
+    for name, t in _read_tensors(model_dir, config, expected):
+        if name in params:
+            assign_full(params[name], t)
+    if model.alibi_slopes is not None:
+        model.alibi_slopes.copy_(alibi_slopes(config.n_head))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

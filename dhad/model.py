@@ -64,6 +64,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) tensor into a parameter, which may be an FSDP2 shard (a DTensor):
+    each rank keeps its own slice of ``full`` (no communication), so a model built on the meta
+    device and sharded first never holds more than one full tensor at a time."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    full = full.to(device=param.device, dtype=param.dtype)
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    with torch.no_grad():
+        param.copy_(full)
+
+
 # ---------------------------------------------------------------------------------------------
 # KV cache
 
@@ -249,7 +261,7 @@ class Transformer(nn.Module):
             s = std if name.startswith(("wte", "wpe", "lm_head")) else hidden_std
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
                 s = s / math.sqrt(2 * c.n_layer)
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(s).to(p.dtype))
+            assign_full(p, torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(s))
         if self.alibi_slopes is not None:
             self.alibi_slopes.copy_(alibi_slopes(c.n_head))
         return self

@@ -108,3 +108,42 @@ def test_fsdp_two_processes_equal_one_process_and_resume_on_one(setup):
     assert rest.mixture == ref.mixture
     for k, v in ref.model.state_dict().items():
         torch.testing.assert_close(rest.model.state_dict()[k], v, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("source", ["preset", "init_from"])
+def test_fsdp_meta_init_equals_one_process(setup, source):
+    """model.meta_init: built on the meta device, sharded, then each rank fills only its shards (fresh
+    seeded init, or tensor by tensor from a checkpoint): the same run as the whole-model build."""
+    from dhad.checkpoint import save_model
+    from dhad.config import Config
+    from dhad.model import Transformer
+    root, path, ref = setup
+    recipe = yaml.safe_load(path.read_text())
+    recipe["model"]["meta_init"] = True
+    recipe["distributed"] = "fsdp"
+    if source == "init_from":  # the preset's seeded init, saved as a checkpoint
+        d = root / "init-tiny-jais"
+        if not d.exists():
+            save_model(Transformer(Config.from_name("tiny-jais")).init_weights(recipe["seed"]), d)
+        recipe["model"] = {"init_from": str(d), "meta_init": True}
+    p = root / f"meta-{source}.yaml"
+    p.write_text(yaml.safe_dump(recipe))
+    recs = _torchrun(root, p, root / f"meta-{source}")
+    start = next(r for r in recs if r["event"] == "start")
+    assert start["world_size"] == 2 and start["strategy"] == "fsdp" and start["meta_init"] is True
+    assert start["params"] == ref.model.num_params()
+    _close(_losses(recs), ref.losses)
+    a, b = load_file(root / f"meta-{source}" / "model" / "model.safetensors"), load_file(ref.model_dir / "model.safetensors")
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3)
+
+
+def test_meta_init_needs_fsdp(setup, tmp_path):
+    from dhad.train.recipe import RecipeError, load_recipe
+    root, path, _ = setup
+    recipe = yaml.safe_load(path.read_text())
+    recipe["model"]["meta_init"] = True
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match="meta_init: needs distributed: fsdp"):
+        load_recipe(p)

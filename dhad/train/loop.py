@@ -114,18 +114,27 @@ def set_trainable(model: nn.Module, what: str) -> None:
 
 
 def build_model(recipe: Recipe) -> Transformer:
+    """The model a recipe starts from: fresh (preset) or loaded (init_from). With model.meta_init the
+    parameters stay on the meta device: `materialize` fills them once FSDP2 has sharded the model."""
     m = recipe.model
     if m.preset:
         try:
             cfg = Config.from_name(m.preset, **m.overrides)
         except TypeError as e:
             raise RecipeError(f"model.overrides: {e}") from None
+        if m.meta_init:
+            with torch.device("meta"):
+                return Transformer(cfg)
         return Transformer(cfg).init_weights(recipe.seed)
-    from dhad.checkpoint import load_model
+    from dhad.checkpoint import load_config, load_model
     p = Path(m.init_from)
     if not p.is_dir():
         raise TrainError(f"model.init_from: {p} is not a directory")
-    model = load_model(p, dtype="float32", device="cpu")
+    if m.meta_init:
+        with torch.device("meta"):
+            model = Transformer(load_config(p))
+    else:
+        model = load_model(p, dtype="float32", device="cpu")
     if m.overrides:
         # Only fields that change no tensor shape may be overridden on a trained model.
         ok = {"block_size", "rope_scaling", "alibi_scaling", "rope_theta", "bos_token_id", "eos_token_id",
@@ -135,6 +144,19 @@ def build_model(recipe: Recipe) -> Transformer:
             raise RecipeError(f"model.overrides: {bad} would change the shape of a trained model; allowed: {sorted(ok)}")
         model.config = model.config.replace(**m.overrides)
     return model
+
+
+def materialize(model: Transformer, recipe: Recipe, device) -> None:
+    """Give a meta-device model (already sharded by FSDP2) real storage on ``device`` and fill it:
+    the same values a whole-model build would have (same seeded init, or the init_from checkpoint),
+    each rank writing only its shards."""
+    model.to_empty(device=device)
+    model._rope_table.clear()
+    if recipe.model.preset:
+        model.init_weights(recipe.seed)
+    else:
+        from dhad.checkpoint import load_into
+        load_into(model, recipe.model.init_from)
 
 
 def _tokenizer_path(recipe: Recipe) -> Path | None:
@@ -319,8 +341,10 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
     # -- devices, parallelism, optimizer ------------------------------------------------------
     stage = plan.at(0).stage
     set_trainable(model, recipe.stage_list[stage].trainable)
-    model.to(env.device)
-    objective.setup(model, recipe, env.device, run_dir=run_dir)
+    meta = recipe.model.meta_init
+    if not meta:
+        model.to(env.device)
+        objective.setup(model, recipe, env.device, run_dir=run_dir)
     if recipe.compile:
         if strategy == "fsdp":
             for b in model.h:
@@ -328,6 +352,9 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
         else:
             model.compile()
     wrapped = D.wrap_model(model, strategy, env, recipe.precision)
+    if meta:  # sharded while still on the meta device: now each rank fills its own shards
+        materialize(model, recipe, env.device)
+        objective.setup(model, recipe, env.device, run_dir=run_dir)
     optimizer = build_optimizer(D.unwrap(wrapped), recipe.optimizer, cfg, env.device.type)
     use_bf16 = recipe.precision == "bf16"
 
@@ -371,7 +398,7 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
                         desc=recipe.name or recipe.type)
     log.log({"event": "resume" if resume else "start", "step": start, "total_steps": plan.total_steps,
              "world_size": env.world_size, "strategy": strategy, "precision": recipe.precision,
-             "params": D.unwrap(wrapped).num_params(), "peak_flops": peak, "plan": plan.summary(),
+             "meta_init": recipe.model.meta_init, "params": D.unwrap(wrapped).num_params(), "peak_flops": peak, "plan": plan.summary(),
              "time": time.time()})
 
     result = TrainResult(run_dir=run_dir, model_dir=None, step=start, plan=plan.summary())

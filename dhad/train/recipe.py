@@ -80,6 +80,9 @@ class ModelSpec:
     preset: str | None = None  # a dhad.config preset name (fresh weights from init_weights(seed))
     init_from: str | None = None  # a dhad/HF model directory to continue from
     overrides: dict = field(default_factory=dict)  # Config fields to change (e.g. block_size for tiny runs)
+    # FSDP2 only: build the model on the meta device, shard it, then fill each rank's shards tensor by
+    # tensor (fresh init or init_from), so no process ever holds the whole model (70B-class runs).
+    meta_init: bool = False
 
 
 @dataclass
@@ -467,6 +470,11 @@ def validate(r: Recipe) -> None:
         raise RecipeError(f"precision: must be one of {PRECISIONS}, got {r.precision!r}")
     if r.distributed not in STRATEGIES:
         raise RecipeError(f"distributed: must be one of {STRATEGIES}, got {r.distributed!r}")
+    if r.model.meta_init and r.distributed != "fsdp":
+        raise RecipeError("model.meta_init: needs distributed: fsdp (the shards are what each process holds)")
+    if r.model.meta_init and r.type == "dpo":
+        raise RecipeError("model.meta_init: not supported for dpo recipes (the reference pass needs whole weights "
+                          "before sharding); use distributed: fsdp without meta_init")
     if r.device not in ("auto", "cpu", "cuda"):
         raise RecipeError(f"device: must be auto, cpu or cuda, got {r.device!r}")
     for k in ("checkpoint_every", "eval_every", "eval_batches", "log_every"):
