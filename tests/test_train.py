@@ -165,6 +165,22 @@ def test_resume_gives_the_uninterrupted_loss_sequence(corpus, tmp_path):
         train(parse_recipe(_recipe(**kw)), run_dir=tmp_path / "part", data_root=corpus, progress=False)
 
 
+def test_eval_sequences_make_val_loss_independent_of_micro_batch(corpus, tmp_path):
+    """eval_sequences fixes the validation set, so runs with other micro batch sizes (same global
+    batch) report the same val_loss; eval_batches alone scales the set with the micro batch."""
+    kw = dict(schedule={"warmup_steps": 1, "total_steps": 2, "min_lr": 1e-3}, eval_every=2)
+    evals = {}
+    for mbs in (2, 4):
+        r = _recipe(**kw, eval_sequences=6, batch={"micro_batch_size": mbs, "global_batch_size": 8, "seq_len": 64})
+        evals[mbs] = train(parse_recipe(r), run_dir=tmp_path / f"m{mbs}", data_root=corpus, progress=False,
+                           save_final=False).evals
+    assert [e["step"] for e in evals[2]] == [0, 2] == [e["step"] for e in evals[4]]
+    assert evals[2][0]["val_loss"] == pytest.approx(evals[4][0]["val_loss"], rel=1e-6)   # same model, same rows
+    assert evals[2][-1]["val_loss"] == pytest.approx(evals[4][-1]["val_loss"], rel=1e-4)  # same run (accumulation)
+    with pytest.raises(Exception, match="eval_sequences: must be >= 0"):
+        parse_recipe(_recipe(eval_sequences=-1))
+
+
 def test_sigterm_leaves_a_usable_checkpoint(corpus, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(schedule={"warmup_steps": 2, "total_steps": 100000, "min_lr": 1e-3})))

@@ -410,8 +410,8 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
 
     def run_eval(step):
         T = plan.at(min(step, plan.total_steps - 1)).seq_len
-        vs = {n: objective.val_items(n, paths[n], recipe.data.val_split, T,
-                                     recipe.eval_batches * recipe.batch.micro_batch_size) for n in paths}
+        n_val = recipe.eval_sequences or recipe.eval_batches * recipe.batch.micro_batch_size
+        vs = {n: objective.val_items(n, paths[n], recipe.data.val_split, T, n_val) for n in paths}
         ev = evaluate(wrapped, objective, vs, recipe.batch.micro_batch_size, env, autocast)
         rec = {"step": step, **ev, **objective.eval_metrics()}
         log.log({"event": "eval", **rec})

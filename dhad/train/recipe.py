@@ -165,6 +165,9 @@ class Recipe:
     keep_checkpoints: int = 2
     eval_every: int = 0  # optimizer steps; 0: only at the end
     eval_batches: int = 4  # micro batches of validation data per evaluation
+    # validation sequences per source and evaluation; 0: eval_batches x micro_batch_size. Set it to compare
+    # val_loss across runs with different micro batch sizes (the same sequences are scored).
+    eval_sequences: int = 0
     log_every: int = 1
     peak_flops: float | None = None  # for MFU; None: measured with a large matmul at start
     distributed: str = "auto"  # auto (ddp when launched by torchrun) | none | ddp | fsdp
@@ -477,7 +480,7 @@ def validate(r: Recipe) -> None:
                           "before sharding); use distributed: fsdp without meta_init")
     if r.device not in ("auto", "cpu", "cuda"):
         raise RecipeError(f"device: must be auto, cpu or cuda, got {r.device!r}")
-    for k in ("checkpoint_every", "eval_every", "eval_batches", "log_every"):
+    for k in ("checkpoint_every", "eval_every", "eval_batches", "eval_sequences", "log_every"):
         if getattr(r, k) < 0:
             raise RecipeError(f"{k}: must be >= 0")
     if r.keep_checkpoints < 1:
