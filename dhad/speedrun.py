@@ -994,43 +994,12 @@ def _batch_for(tokens: float, seq_len: int, steps_target: int, max_micro: int, c
     return micro, max(micro, seqs // micro * micro)
 
 
-class _Deadline:
-    """Sends this process SIGTERM at `seconds` from now, while armed. The trainer turns SIGTERM into
-    "checkpoint after this step and return" (its StopSignal); outside the trainer's loop our own handler
-    only notes it. `fired` tells a deadline stop from a user's Ctrl-C or an outside SIGTERM."""
-
-    def __init__(self, seconds: float):
-        import signal
-        import threading
-        self.fired = False
-        self._signal = signal
-        self._old = None
-        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
-        self._timer.daemon = True
-
-    def _fire(self):
-        self.fired = True
-        os.kill(os.getpid(), self._signal.SIGTERM)
-
-    def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            self._old = self._signal.signal(self._signal.SIGTERM, lambda *a: None)
-            self._timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._timer.cancel()
-        if self._old is not None:
-            self._signal.signal(self._signal.SIGTERM, self._old)
-        return False
-
-
 def _train_stage(run: Run, name: str, recipe: dict, run_dir: Path, seconds: float | None = None) -> dict:
     """Run (or resume) one trainer recipe; returns the summary the marker keeps.
 
     `seconds`: the stage's time. The step count was sized from measured throughput; if the machine gets
-    slower (it is shared), the deadline stops training at 93% of the time (the trainer checkpoints) and
+    slower (it is shared), the trainer's time budget (`max_seconds`) stops training at 93% of the time
+    (it checkpoints) and
     the run continues from that checkpoint with the schedule cut short: a quick decay to the final
     learning rate over 5% more steps, then the model is saved as usual."""
     from dhad.train.checkpointing import latest_checkpoint
@@ -1052,11 +1021,10 @@ def _train_stage(run: Run, name: str, recipe: dict, run_dir: Path, seconds: floa
         stop_at = int(run.cfg.interrupt_at[1])
     t = time.perf_counter()
     limit = None if (seconds is None or run.cfg.ci) else 0.93 * seconds
-    with _Deadline(limit if limit is not None else 1e9) as deadline:
-        res = train(parse_recipe(recipe, source=f"speedrun:{name}"), resume=resume, run_dir=run_dir,
-                    progress=run.cfg.progress, stop_at=stop_at)
+    res = train(parse_recipe(recipe, source=f"speedrun:{name}"), resume=resume, run_dir=run_dir,
+                progress=run.cfg.progress, stop_at=stop_at, max_seconds=limit)
     cut = None
-    if res.interrupted and deadline.fired and limit is not None:
+    if res.interrupted and res.timed_out:
         planned = recipe["schedule"]["total_steps"]
         total = res.step + max(2, math.ceil(0.05 * res.step))
         run.say(f"  {name}: out of time at step {res.step} of {planned} (training ran slower than measured); "

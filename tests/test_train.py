@@ -181,6 +181,26 @@ def test_eval_sequences_make_val_loss_independent_of_micro_batch(corpus, tmp_pat
         parse_recipe(_recipe(eval_sequences=-1))
 
 
+def test_time_budget_checkpoints_and_resumes(corpus, tmp_path):
+    """--max-seconds: the step that ends past the budget checkpoints and stops; --resume continues the
+    same run to the end (losses equal an uninterrupted run's)."""
+    from dhad.cli import main as dhad_main
+    kw = dict(schedule={"warmup_steps": 2, "total_steps": 8, "min_lr": 1e-3})
+    full = train(parse_recipe(_recipe(**kw)), run_dir=tmp_path / "full", data_root=corpus, progress=False,
+                 save_final=False)
+    part = train(parse_recipe(_recipe(**kw)), run_dir=tmp_path / "part", data_root=corpus, progress=False,
+                 max_seconds=0.0)
+    assert part.interrupted and part.timed_out and part.signal is None and part.step == 1
+    assert part.checkpoint.name == "step_00000001" and part.model_dir is None
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(**kw)))
+    assert dhad_main(["train", "--recipe", str(recipe), "--data", str(corpus), "--out", str(tmp_path / "part"),
+                      "--resume", "--max-seconds", "600", "--no-progress"]) == 0
+    steps = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in steps if r["event"] == "step"]
+    assert losses == full.losses
+
+
 def test_sigterm_leaves_a_usable_checkpoint(corpus, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(schedule={"warmup_steps": 2, "total_steps": 100000, "min_lr": 1e-3})))

@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a recipe field, e.g. --set schedule.total_steps=20 --set precision=fp32")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="checkpoint and stop after STEP optimizer updates (continue later with --resume)")
+    p.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                   help="time budget for training steps: checkpoint and stop after S seconds (resume with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to JSONL)")
     p.add_argument("--check", action="store_true",
                    help="validate the recipe and print its plan (steps, stages, tokens) without training")
@@ -39,7 +41,7 @@ def run(args) -> int:
         if args.check:
             return _check(recipe)
         result = train(recipe, resume=args.resume, run_dir=args.out, data_root=args.data, stop_at=args.stop_at,
-                       progress=not args.no_progress)
+                       max_seconds=args.max_seconds, progress=not args.no_progress)
     except (RecipeError, TrainError, ShardError) as e:
         raise CLIError(str(e)) from None
     if result.interrupted:

@@ -73,6 +73,7 @@ class TrainResult:
     evals: list = field(default_factory=list)  # {"step", "val_loss", "val_loss_by_source"}
     interrupted: bool = False
     signal: int | None = None
+    timed_out: bool = False  # stopped by max_seconds
     checkpoint: Path | None = None
     mixture: dict = field(default_factory=dict)
     plan: list = field(default_factory=list)
@@ -291,9 +292,13 @@ def train_step(model, objective: Objective, batches: list[dict], optimizer, env:
 
 
 def train(recipe: Recipe | str | os.PathLike, *, resume: bool = False, run_dir: str | os.PathLike | None = None,
-          data_root: str | os.PathLike | None = None, stop_at: int | None = None, progress: bool = True,
+          data_root: str | os.PathLike | None = None, stop_at: int | None = None, max_seconds: float | None = None,
+          progress: bool = True,
           overrides: list[str] | None = None, save_final: bool = True) -> TrainResult:
     """Run a recipe. `stop_at`: stop after that many optimizer updates (checkpoint, as on SIGTERM).
+    `max_seconds`: a wall-clock budget for this session's training steps (from the first step, so
+    setup is not counted): the first step that ends past it checkpoints and stops the run as
+    `interrupted` (resumable), the same on every rank (rank 0's clock decides).
     `data_root`: directory that relative data paths in the recipe are taken from."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -302,13 +307,13 @@ def train(recipe: Recipe | str | os.PathLike, *, resume: bool = False, run_dir: 
     recipe = resolve_paths(recipe, data_root)
     env = D.init_distributed(recipe.device)
     try:
-        return _train(recipe, env, resume=resume, run_dir=run_dir, stop_at=stop_at,
+        return _train(recipe, env, resume=resume, run_dir=run_dir, stop_at=stop_at, max_seconds=max_seconds,
                       progress=progress, save_final=save_final)
     finally:
         D.shutdown(env)
 
 
-def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress, save_final):
+def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress, save_final, max_seconds=None):
     run_dir = Path(run_dir or recipe.out_dir or Path("runs") / (recipe.name or Path(recipe.source_file or "run").stem))
     if not resume and latest_checkpoint(run_dir) is not None:
         raise TrainError(f"{run_dir} already holds checkpoints; pass --resume to continue, or choose another run dir")
@@ -468,14 +473,18 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
             if do_eval and recipe.eval_every and step % recipe.eval_every == 0 and step < plan.total_steps:
                 run_eval(step)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
-            stop_now = D.any_flag(sig.stop, env) or (stop_at is not None and step >= stop_at)
+            out_of_time = max_seconds is not None and D.any_flag(  # rank 0's clock decides for all
+                env.is_main and time.perf_counter() - t0 >= max_seconds, env)
+            stop_now = D.any_flag(sig.stop, env) or out_of_time or (stop_at is not None and step >= stop_at)
             periodic = recipe.checkpoint_every and step % recipe.checkpoint_every == 0
             if (periodic or stop_now) and step < plan.total_steps:
                 result.checkpoint = checkpoint(step)
                 t_last = time.perf_counter()
             if stop_now and step < plan.total_steps:
                 result.interrupted, result.signal = True, sig.signum
+                result.timed_out = bool(out_of_time)
                 log.write(f"stopped at step {step}" + (f" (signal {sig.signum})" if sig.signum else "")
+                          + (f" (time budget of {max_seconds:g} s)" if result.timed_out else "")
                           + f"; resume with --resume from {result.checkpoint}")
                 break
 
