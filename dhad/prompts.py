@@ -3,7 +3,7 @@
 Interface (used by SFT data preparation, `dhad chat`, the server and `dhad.generate`):
 
     render(messages, fmt, add_generation_prompt=True) -> str
-    render_segments(messages, fmt, *, eos_token=None) -> list[(text, is_loss)]
+    render_segments(messages, fmt, *, eos_token=None, answer_as_served=False) -> list[(text, is_loss)]
     get_format(name_or_model_dir) -> ChatFormat
     card_prompt(question, lang="en") -> str        # the Jais card's README `prompt_eng` / `prompt_ar`
 
@@ -336,19 +336,32 @@ def render(messages, fmt, add_generation_prompt: bool = True) -> str:
     return text
 
 
-def render_segments(messages, fmt, *, eos_token: str | None = None) -> list[tuple[str, bool]]:
+def render_segments(messages, fmt, *, eos_token: str | None = None,
+                    answer_as_served: bool = False) -> list[tuple[str, bool]]:
     """The conversation as ordered ``(text, is_loss)`` pieces; True = assistant output the SFT loss counts.
 
     ``"".join(text for text, _ in pieces) == render(messages, fmt, add_generation_prompt=False)``.
     With ``eos_token`` (e.g. ``"<|endoftext|>"``) and a format whose template renders nothing
     after an answer (the Jais formats), that token is appended, loss-counted, after every answer,
     so the model learns to stop; the join then differs from `render` by exactly those tokens.
+
+    ``answer_as_served``: the final assistant turn follows the format's *generation prompt* instead
+    of its history header -- the context the model gets when served. Only the Jais-family template
+    differs: it writes past answers as "\n[|AI|] answer" but prompts for a new one with
+    "\n[|AI|]\n### Response :"; for the other formats the text is unchanged.
     """
     fmt = _as_format(fmt)
     msgs = validate_messages(messages)
     if fmt.builtin is not None:
-        segs, _ = _RENDERERS[fmt.builtin](msgs, fmt)
+        segs, gen = _RENDERERS[fmt.builtin](msgs, fmt)
+        if answer_as_served and msgs[-1]["role"] == "assistant":
+            head, _ = _RENDERERS[fmt.builtin](msgs[:-1], fmt)
+            tail = segs[len(head):]  # the last answer: [(header, False), (answer, True), ...]
+            n = next(i for i, (_, loss) in enumerate(tail) if loss)
+            segs = head + [(gen, False)] + tail[n:]
     else:
+        if answer_as_served:
+            raise PromptError(f"answer_as_served needs a built-in chat format, not the Jinja template {fmt.name!r}")
         segs = _jinja_segments(fmt, msgs)
     if eos_token and not fmt.ends_turn_with_text:
         out = []

@@ -566,17 +566,6 @@ TRAIN_WEIGHTS = {"jais": {"pretrain": 0.50, "sft": 0.16, "dpo": 0.06},
 POST_RESERVE = 0.06  # of the budget, kept for eval + check + report (measured: 2-3% at the default size)
 
 
-def sft_template() -> str:
-    """The tokenizer's Jais chat template with the answer turn rendered after the card's
-    "\\n[|AI|]\\n### Response :" generation prompt, so SFT trains on exactly what `dhad serve` sends."""
-    from dhad.prompts import JAIS_CHAT_TEMPLATE
-    old = "{{ '\n[|AI|] ' + content.strip() }}"
-    new = "{{ '\n[|AI|]\n### Response : ' + content.strip() }}"
-    if old not in JAIS_CHAT_TEMPLATE:
-        raise SpeedrunError("the Jais chat template changed: cannot derive the SFT answer layout")
-    return JAIS_CHAT_TEMPLATE.replace(old, new)
-
-
 class Run:
     """One speedrun: options, paths, the plan, and the stage bookkeeping."""
 
@@ -925,9 +914,9 @@ def _prepare_sft(run: Run, lang: str, tok_dir: Path, out: Path) -> dict:
     rows, n_digit = sample_rows(found, run.plan["sft_rows_per_lang"], run.cfg.seed)
     _write_text(sample, "\n".join(rows) + "\n")
     sc = SFTConfig(inputs=[f"{lang}={sample}"], tokenizer=str(tok_dir), out=str(out),
-                   chat_format=str(run.p("data", "sft_format")), seq_len=run.plan["seq_len_sft"], packed=True,
-                   overflow="truncate", val_fraction=0.03, seed=run.cfg.seed, system=card_system(lang),
-                   progress=run.cfg.progress)
+                   chat_format="jais", seq_len=run.plan["seq_len_sft"], packed=True, overflow="truncate",
+                   val_fraction=0.03, seed=run.cfg.seed, system=card_system(lang), progress=run.cfg.progress,
+                   answer_as_served=True)  # the answer after "\n[|AI|]\n### Response :", as `dhad serve` sends
     rep = prepare_sft(sc)
     rep["digit_start_left_out"] = n_digit
     return rep
@@ -938,9 +927,6 @@ def stage_data(run: Run, markers: dict) -> dict:
     from dhad.data.sft import format_sft_report
     plan = run.plan
     adapted = run.cfg.recipe == "adapted"
-    # the training template for SFT (see sft_template); the model dirs keep the tokenizer's own template
-    _write_json(run.p("data", "sft_format", "tokenizer_config.json"),
-                {"chat_template": sft_template(), "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
     sample_chars = {lang: sum(len(t) for t in read_texts(run.p("data", "sample", lang, "train.jsonl")))
                     for lang in LANGS}
     reports, held = {}, {}
@@ -1200,7 +1186,7 @@ def stage_dpo(run: Run, markers: dict) -> dict:
         raise SpeedrunError(f"--dpo: no preference data in {pref_root} (expected {PREF_FILES})")
     prefs = run.p("data", "prefs")
     rep = prepare_prefs(PrefsConfig(inputs=files, tokenizer=str(tok), out=str(prefs),
-                                    chat_format=str(run.p("data", "sft_format")), max_len=plan["seq_len_sft"],
+                                    chat_format="jais", answer_as_served=True, max_len=plan["seq_len_sft"],
                                     seed=run.cfg.seed, max_rows=200 if run.cfg.ci else None))
     secs = run.stage_seconds("dpo")
     tps = markers["sft"]["outputs"].get("tokens_per_s") or plan["tokens_per_s"]

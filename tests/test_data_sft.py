@@ -169,6 +169,26 @@ def test_packed_unpacked_same_examples_and_bad_rows(bpe_dir, sft_data, tmp_path)
     assert key(ue[0]) == key(want)
 
 
+def test_answer_as_served_cli(bpe_dir, sft_data, tmp_path):
+    """dhad data sft --answer-as-served: the Jais answer follows the generation prompt serving sends,
+    and the prompt tokens before it are exactly the served prompt's."""
+    from dhad.cli import main as dhad_main
+    out = tmp_path / "served"
+    assert dhad_main(["data", "sft", "--data", str(sft_data / "mix.jsonl"), "--tokenizer", bpe_dir, "--out", str(out),
+                      "--format", "jais", "--unpacked", "--seq-len", "512", "--val-fraction", "0",
+                      "--answer-as-served"]) == 0
+    _, ex = _examples(out, "train")
+    enc = Encoder(bpe_dir)
+    first = row_to_messages(json.loads((sft_data / "mix.jsonl").read_bytes().splitlines()[0]))
+    prompts = set()
+    for e in ex:
+        mask = list(e.mask)
+        k = max(j for j in range(len(mask)) if mask[j] and (j == 0 or not mask[j - 1]))  # the last answer starts
+        prompts.add(enc.tok.decode(list(e.ids[:k])))
+    assert all(p.endswith("\n[|AI|]\n### Response :") for p in prompts) and len(prompts) == len(ex)
+    assert render(first[:-1], "jais", add_generation_prompt=True) in prompts
+
+
 def test_packed_and_unpacked_give_same_per_example_losses(bpe_dir, sft_data, tmp_path):
     torch = pytest.importorskip("torch")
     try:

@@ -208,3 +208,25 @@ def test_segments_end_of_turn():
     assert ("b<|im_end|>", True) in render_segments(msgs, "chatml")
     # formats whose template already writes the end of turn get no extra EOS
     assert render_segments(msgs, "chatml", eos_token="<|im_end|>") == render_segments(msgs, "chatml")
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_answer_as_served_trains_after_the_generation_prompt(name):
+    """answer_as_served: the prompt part of the rendering equals what serving sends (render with
+    add_generation_prompt=True of the conversation without its last answer), for every format;
+    earlier turns keep the template's history layout."""
+    for msgs in CONVERSATIONS:
+        if msgs[-1]["role"] != "assistant":
+            continue
+        segs = render_segments(msgs, name, answer_as_served=True)
+        k = max(i for i, (_, loss) in enumerate(segs) if loss)
+        assert "".join(t for t, _ in segs[:k]) == render(msgs[:-1], name, add_generation_prompt=True)
+        assert segs[k][0].strip().startswith(msgs[-1]["content"].strip())  # (+ the end-of-turn text)
+        if name != "jais":  # only the Jais-family template writes history answers differently
+            assert segs == render_segments(msgs, name)
+    two = [{"role": "user", "content": "سؤال"}, {"role": "assistant", "content": "جواب"},
+           {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    text = "".join(t for t, _ in render_segments(two, "jais", answer_as_served=True))
+    assert text.endswith("\n[|AI|] جواب\n[|Human|] q2\n[|AI|]\n### Response : a2")
+    with pytest.raises(PromptError, match="built-in chat format"):
+        render_segments(two, dataclasses.replace(FORMATS["jais"], builtin=None), answer_as_served=True)

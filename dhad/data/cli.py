@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--unpacked", action="store_true", help="one example per (padded) row instead of packing")
     s.add_argument("--overflow", choices=("drop", "truncate"), default="drop", help="examples longer than --seq-len")
     s.add_argument("--system", default=None, help="system message added to conversations without one")
+    s.add_argument("--answer-as-served", action="store_true",
+                   help="train the last answer after the format's generation prompt (what serving sends); "
+                        "differs from the template only for jais: '\n[|AI|]\n### Response :' vs '\n[|AI|]'")
 
     f = sub.add_parser("prefs", help=SUBCOMMANDS["prefs"], description=SUBCOMMANDS["prefs"])
     _common(f, "preference pairs ({prompt,chosen,rejected} or {chosen:[msgs],rejected:[msgs]})")
@@ -76,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--truncation", choices=("left", "drop"), default="left",
                    help="over-long pairs: left-truncate the prompt (responses stay whole) or drop them")
     f.add_argument("--min-prompt-tokens", type=int, default=8)
+    f.add_argument("--answer-as-served", action="store_true",
+                   help="answers after the format's generation prompt, as served (jais: '\n[|AI|]\n### Response :')")
     f.add_argument("--group-by", default="context",
                    help="train/validation split key, one group in one split: context (the prompt without its "
                         "last question: a paragraph's pairs stay together), prompt, or a row field")
@@ -161,7 +166,8 @@ def _sft(args, root) -> int:
     cfg = SFTConfig(inputs=args.data, data_root=root, tokenizer=args.tokenizer, out=args.out,
                     chat_format=args.format, seq_len=args.seq_len, packed=not args.unpacked, overflow=args.overflow,
                     val_fraction=0.02 if args.val_fraction is None else args.val_fraction, seed=args.seed,
-                    system=args.system, allow_hub=args.hf, max_rows=args.max_rows)
+                    system=args.system, allow_hub=args.hf, max_rows=args.max_rows,
+                    answer_as_served=args.answer_as_served)
     report = prepare_sft(cfg)
     print(format_sft_report(report))
     print(f"\nwrote {args.out}/train, {args.out}/validation and {args.out}/sft_report.json")
@@ -174,7 +180,8 @@ def _prefs(args, root) -> int:
                       chat_format=args.format, max_len=args.max_len or None, truncation=args.truncation,
                       min_prompt_tokens=args.min_prompt_tokens,
                       val_fraction=0.05 if args.val_fraction is None else args.val_fraction, seed=args.seed,
-                      allow_hub=args.hf, max_rows=args.max_rows, group_by=args.group_by)
+                      allow_hub=args.hf, max_rows=args.max_rows, group_by=args.group_by,
+                      answer_as_served=args.answer_as_served)
     report = prepare_prefs(cfg)
     print(format_prefs_report(report))
     print(f"\nwrote {args.out}/train, {args.out}/validation and {args.out}/prefs_report.json")

@@ -158,6 +158,7 @@ class PrefsConfig:
     allow_hub: bool = False
     max_rows: int | None = None
     group_by: str = "context"    # context | prompt | a row field name (see the module docstring)
+    answer_as_served: bool = False  # answers after the generation prompt (prompts.render_segments)
 
 
 def prompt_context(prompt: list[dict]) -> list[dict]:
@@ -187,7 +188,7 @@ def group_key(row: dict, prompt: list[dict], group_by: str) -> tuple[bytes, bool
     return hashlib.sha1(b"c" + repr(prompt_context(prompt)).encode("utf-8")).digest(), missing
 
 
-def encode_pair(enc, fmt, prompt: list[dict], chosen: str, rejected: str):
+def encode_pair(enc, fmt, prompt: list[dict], chosen: str, rejected: str, answer_as_served: bool = False):
     """(prompt_ids, chosen_ids, rejected_ids): render each full conversation, cut at the final answer."""
     from dhad.prompts import PromptError, render_segments, validate_messages
     try:
@@ -199,7 +200,8 @@ def encode_pair(enc, fmt, prompt: list[dict], chosen: str, rejected: str):
     out = []
     for ans in (chosen, rejected):
         try:  # no eos_token here: the prompt's history is rendered as at generation time
-            pieces = render_segments(prompt + [{"role": "assistant", "content": ans}], fmt)
+            pieces = render_segments(prompt + [{"role": "assistant", "content": ans}], fmt,
+                                     answer_as_served=answer_as_served)
         except PromptError as e:
             raise RowError("non_alternating", str(e)) from None
         end = len(pieces)
@@ -269,7 +271,7 @@ def prepare_prefs(cfg: PrefsConfig) -> dict:
             n += 1
             try:
                 prompt, c, r = split_pair(doc.row)
-                p_ids, c_ids, r_ids = encode_pair(enc, fmt, prompt, c, r)
+                p_ids, c_ids, r_ids = encode_pair(enc, fmt, prompt, c, r, cfg.answer_as_served)
                 p_ids, truncated = fit_length(p_ids, c_ids, r_ids, cfg.max_len, cfg.truncation,
                                               cfg.min_prompt_tokens, enc.bos_token_id)
             except RowError as e:

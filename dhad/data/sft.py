@@ -116,10 +116,10 @@ def row_to_messages(row: dict, system: str | None = None) -> list[dict]:
     return msgs
 
 
-def encode_conversation(enc, msgs: list[dict], fmt) -> Example:
+def encode_conversation(enc, msgs: list[dict], fmt, answer_as_served: bool = False) -> Example:
     """Render with the chat format and tokenize piecewise: exact assistant-token mask."""
     from dhad.prompts import render_segments
-    pieces = render_segments(msgs, fmt, eos_token=enc.eos_token)
+    pieces = render_segments(msgs, fmt, eos_token=enc.eos_token, answer_as_served=answer_as_served)
     ids, mask = enc.encode_segments(pieces)
     return Example(ids=ids, mask=mask)
 
@@ -153,6 +153,7 @@ class SFTConfig:
     allow_hub: bool = False
     max_rows: int | None = None
     progress: bool = True
+    answer_as_served: bool = False  # last answer after the generation prompt (prompts.render_segments)
 
 
 def build_examples(cfg: SFTConfig, enc, fmt, stats: ReadStats, reasons: Counter, examples_of: dict):
@@ -165,7 +166,7 @@ def build_examples(cfg: SFTConfig, enc, fmt, stats: ReadStats, reasons: Counter,
         n += 1
         try:
             msgs = row_to_messages(doc.row, cfg.system)
-            ex = encode_conversation(enc, msgs, fmt)
+            ex = encode_conversation(enc, msgs, fmt, cfg.answer_as_served)
             if not any(ex.mask):
                 raise RowError("no_loss_tokens")
             if len(ex.ids) > cfg.seq_len:
