@@ -1,18 +1,22 @@
 """The scoring engine against the plain definition: one unpadded forward per request.
 
-The engine shares a prefix pass (left-padded, KV cache) between a question's continuations and
-packs questions into batches; none of that may change a number. Checked on both position schemes
+The engine lays a question's inputs out as one token tree (shared trunk, one branch per distinct
+remainder) under a tree attention mask, packs several trees per row, computes a shared few-shot
+block once per batch as keys/values, and takes logits only where scored; none of that may change
+a number. Checked on both position schemes
 (RoPE for Llama / ALLaM, ALiBi for Jais, where left padding must not shift distances), with
 left truncation, single-token choices, different contexts (Winogrande) and an empty context.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from dhad.config import Config
+from dhad.evaluate import scoring
 from dhad.evaluate.scoring import Scorer, encode_pair, score_example
 from dhad.model import Transformer
 
@@ -25,8 +29,8 @@ class ByteTok:
         return ([1] if add_special_tokens else []) + [3 + b for b in s.encode("utf-8")]
 
 
-def _model(name, seed=0):
-    cfg = Config.from_name(name)
+def _model(name, seed=0, **overrides):
+    cfg = dataclasses.replace(Config.from_name(name), **overrides)
     torch.manual_seed(seed)
     m = Transformer(cfg).init_weights(seed=seed).eval()
     with torch.no_grad():  # wider weights than the default init: choices differ clearly
@@ -55,6 +59,9 @@ GROUPS = [
     [("trailing space ", "word"), ("trailing space ", "other")],                       # space moves to the continuation
     [("", "an empty context scores from BOS")],
     [("x" * 300, " long context left-truncated"), ("x" * 300, " other")],
+    [("Q: 1?\nA:", " 1"), ("Q: 1?\nA:", " 2")],                                     # short trees: packed
+    [("Q: 2?\nA:", " 2"), ("Q: 2?\nA:", " 3")],                                     # several to a row
+    [("Q: 3?\nA:", " 3"), ("Q: 3?\nA:", " 4")],
 ]
 SHOTS = "The following are questions.\n\nQ: 1+1?\nA: 2\n\nQ: 2+2?\nA: 4\n\n"  # a first_n few-shot block
 GROUPS += [  # questions sharing the block: it is run once per batch and the cache copied per input
@@ -70,11 +77,16 @@ def test_shared_prefix_engine_equals_one_forward_per_request(name, monkeypatch):
     model, tok = _model(name), ByteTok()
     L = 200  # shorter than the long group: exercises the harness's left truncation
     scorer = Scorer(model, tok, max_length=L, batch_tokens=1200, max_rows=5)
-    shared_runs = []
-    real = Scorer._run_shared
-    monkeypatch.setattr(Scorer, "_run_shared", lambda self, b, n: shared_runs.append(n) or real(self, b, n))
+    blocks = []  # token lengths of the shared-block passes
+    real = scoring._forward
+    monkeypatch.setattr(scoring, "_forward", lambda m, ids, *a, **k: (k.get("keep_kv") and blocks.append(ids.shape[1]))
+                        or real(m, ids, *a, **k))
+    packed = []  # trees per row of every batch
+    real_run = Scorer._run
+    monkeypatch.setattr(Scorer, "_run", lambda self, rows, kv: packed.extend(len(r) for r in rows) or real_run(self, rows, kv))
     got = scorer.loglikelihood(GROUPS)
-    assert shared_runs and min(shared_runs) >= len(SHOTS)  # the few-shot block ran once for several questions
+    assert blocks and min(blocks) >= len(SHOTS)  # the few-shot block ran once for several questions
+    assert max(packed) > 1  # several questions' trees shared a row
     enc = lambda s: tok.encode(s)
     for group, res in zip(GROUPS, got):
         for (c, x), (ll, greedy) in zip(group, res):
@@ -83,6 +95,24 @@ def test_shared_prefix_engine_equals_one_forward_per_request(name, monkeypatch):
             else:
                 ci, xi = encode_pair(enc, c, x)
             ref, ref_greedy = _reference(model, ci, xi, L)
+            assert ll == pytest.approx(ref, abs=1e-4, rel=1e-5), (c, x)
+            assert greedy == ref_greedy
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("tiny-jais", {"alibi_scaling": {"type": "linear", "train_seq_len": 24}}),  # slopes / (key_len / 24) past 24
+    ("tiny-jais", {"alibi_scaling": {"type": "linear", "factor": 2.0}}),
+    ("tiny-llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}),
+])
+def test_scaled_positions_equal_one_forward_per_request(name, overrides):
+    # with train_seq_len the ALiBi factor depends on each sequence's own length, so a trunk shared by
+    # inputs of different lengths would see the wrong one: such groups are scored unshared
+    model, tok = _model(name, **overrides), ByteTok()
+    got = Scorer(model, tok, max_length=200, batch_tokens=1200, max_rows=5).loglikelihood(GROUPS)
+    for group, res in zip(GROUPS, got):
+        for (c, x), (ll, greedy) in zip(group, res):
+            ci, xi = ([tok.bos_token_id], tok.encode(x, add_special_tokens=False)) if c == "" else encode_pair(tok.encode, c, x)
+            ref, ref_greedy = _reference(model, ci, xi, 200)
             assert ll == pytest.approx(ref, abs=1e-4, rel=1e-5), (c, x)
             assert greedy == ref_greedy
 

@@ -1,7 +1,7 @@
 """Evaluation: the cards' benchmarks (lm-evaluation-harness parity), an lm-eval adapter, MT-bench.
 
     tasks.py            the task registry (one declarative `Task` per benchmark) and few-shot selection
-    scoring.py          log-likelihood scoring with shared prefixes (KV cache), lm-eval's metrics
+    scoring.py          log-likelihood scoring (a question's choices as one token tree), lm-eval's metrics
     runner.py           evaluate(model, tokenizer, tasks, shots, limit) -> results dict
     report.py           results.json / samples.jsonl / the cards' Markdown tables
     mtbench.py          MT-bench answers and GPT-4-style judging over OpenAI-compatible endpoints

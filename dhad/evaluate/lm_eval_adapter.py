@@ -9,8 +9,8 @@ read package entry points, so the `dhad` name exists once this module is importe
     import dhad.evaluate.lm_eval_adapter, lm_eval
     lm_eval.simple_evaluate(model="dhad", model_args={"pretrained": DIR}, tasks=[...])
 
-Requests are served by dhad's `Scorer` (requests with the same context tokens share one prefix
-pass), `loglikelihood_rolling` uses the harness's own rolling windows, and `generate_until` decodes
+Requests are served by dhad's `Scorer` (requests with the same context tokens form one token tree:
+the context runs once), `loglikelihood_rolling` uses the harness's own rolling windows, and `generate_until` decodes
 with `dhad.generate.generate_ids` (KV cache) and cuts at the stop strings like the `hf` backend.
 Model arguments: pretrained (or model), dtype, device, batch_size (rows per forward),
 batch_tokens, max_length.

@@ -1,4 +1,4 @@
-"""Log-likelihood scoring: one context pass shared by a question's choices, batched and deterministic.
+"""Log-likelihood scoring: a question's choices as one token tree, batched and deterministic.
 
 The numbers are lm-evaluation-harness's (`api/model.py::_encode_pair`, `models/huggingface.py`):
 - a request (context, continuation) is tokenized as the harness does: trailing spaces of the context
@@ -7,15 +7,27 @@ The numbers are lm-evaluation-harness's (`api/model.py::_encode_pair`, `models/h
 - the model reads `(ctx + cont)[-(max_length + 1):][:-1]` and the score is the sum of the log-softmax
   of the continuation tokens; `is_greedy` says whether argmax would have produced them.
 
-What is faster than the harness's `hf` backend:
-- the inputs of one question's choices share a token prefix (the few-shot context and the question):
-  it is run once into a `KVCache`, the cache rows are repeated per distinct continuation, and only
-  the continuations are run on top. Identical continuation inputs (single-token choices "A".."D")
-  are one row. Prefixes are left-padded so each prefix ends where its continuations start (ALiBi
-  distances and RoPE positions stay those of the unpadded sequence);
-- questions are sorted longest first and packed up to a token budget, so padding is small.
-Scored positions always lie in the continuation pass: the shared prefix stops before the first
-scored position (the last context token), so every continuation row has at least one token.
+The harness's `hf` backend runs every request whole and computes logits and a full-vocabulary
+log-softmax at every position. What dhad does instead, with the same numbers:
+- **token trees**: the inputs of one question's choices share a prefix (few-shot context and
+  question). They become one tree: the shared *trunk* once, then each distinct remainder as a
+  *branch*, in one row, under an attention mask by which a branch sees the trunk and itself only.
+  Every token keeps the position it has in its own unshared sequence, so RoPE angles and ALiBi
+  distances are unchanged. Identical inputs (single-token choices "A".."D") are one branch;
+- **packing**: trees are sorted longest first and packed first-fit into rows as wide as the
+  longest tree of the batch (several short trees per row, each its own segment); a batch ends
+  rather than pad a new row by more than a few tokens, so padding is almost nil;
+- **computing only what is scored**: the last block's queries, attention, output projection and
+  MLP, the final norm, the LM head and the log-softmax run only at the distinct positions that
+  predict continuation tokens (every token still contributes keys and values). The head goes in
+  chunks whose logits stay in cache, reduced in place to log p(token) and argmax, never writing a
+  full-vocabulary log-softmax;
+- **shared blocks**: questions that start with the same long token run (a `first_n` few-shot
+  block, an MMLU description) are batched together; the run is computed once into per-layer keys
+  and values that every row of the batch attends to.
+`Transformer.forward` builds causal / padding / segment masks only and always runs every layer at
+every position, so `_forward` below drives the model's own modules (embedding, blocks, final norm,
+head) with the tree mask.
 """
 from __future__ import annotations
 
@@ -27,25 +39,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dhad.model import KVCache
+from dhad.model import apply_rope, rope_cos_sin
+
+MIN_SHARED = 32          # tokens a batch of questions must share before it is worth a block pass
+MASK_ELEMS = 1 << 24     # attention-mask entries per batch (rows x [heads] x width x keys): 64 MiB in fp32
+ROW_PAD = 4              # padding tokens a new row may have before a narrower batch is cheaper
+PACK_SLACK = 0.4         # x n_embd: how much shorter than its row a packed tree may be (see _pack)
+HEAD_CHUNK = 256         # positions per LM-head chunk: its logits stay in cache for the reductions
 
 
 @dataclass
-class _Group:
-    index: int
-    inputs: list[list[int]]        # per request: the model input tokens
-    n_cont: list[int]              # per request: continuation length
-    conts: list[list[int]]         # per request: continuation tokens
-    prefix: int = 0                # shared tokens run once
-    rows: list[tuple[int, ...]] | None = None   # distinct continuation-pass inputs
-    row_of: list[int] | None = None            # request -> row
-    distinct: list[list[int]] | None = None    # distinct whole inputs (for batch-level sharing)
-    distinct_of: list[int] | None = None       # request -> distinct input
-    first_scored: int = 0                      # earliest scored position over the requests
+class _Tree:
+    """One question's requests as a trunk + branches, laid out as one segment of a row."""
+    index: int                       # the question (group)
+    tokens: list[int]                # trunk, then each branch
+    pos: list[int]                   # each token's position in its own unshared sequence
+    branch: list[int]                # 0 = trunk, b > 0 = b-th branch
+    scored: list[list[int]]          # per request: offsets (in `tokens`) whose logits score its continuation
+    conts: list[list[int]]           # per request: continuation tokens
+    key_len: list[int] | None = None  # per token: its sequence's length (ALiBi train_seq_len scaling only)
 
-    @property
-    def cost(self) -> int:
-        return self.prefix + max(len(r) for r in self.rows)
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -72,6 +87,12 @@ class Scorer:
         self.add_special_tokens = add_special_tokens
         bos = getattr(tokenizer, "bos_token_id", None)
         self.prefix_token_id = bos if bos is not None else tokenizer.eos_token_id
+        # ALiBi scaled by the key length past train_seq_len: a shared trunk would see a different
+        # length than each unshared sequence, so such long inputs are scored unshared (bs=1 numbers)
+        sc = getattr(model.config, "alibi_scaling", None) or {}
+        self._alibi_train_len = sc.get("train_seq_len") if model.config.position == "alibi" and sc.get("factor") is None else None
+        self._pack_slack = int(PACK_SLACK * model.config.n_embd)
+        self._mask_heads = model.config.n_head if model.config.position == "alibi" else 1  # ALiBi masks are per head
 
     # -- tokenization ------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -118,7 +139,7 @@ class Scorer:
     def loglikelihood_tokens(self, groups: Sequence[Sequence[tuple[list[int], list[int]]]],
                              progress=None) -> list[list[tuple[float, bool]]]:
         L = self.max_length
-        prepared: list[_Group] = []
+        prepared = []  # (group index, model inputs, continuations)
         for gi, pairs in enumerate(groups):
             inputs, conts = [], []
             for ctx, cont in pairs:
@@ -129,205 +150,315 @@ class Scorer:
                 seq = (list(ctx) + list(cont))[-(L + 1):]  # left-truncate as the harness does
                 inputs.append(seq[:-1])
                 conts.append(list(cont))
-            g = _Group(gi, inputs, [len(c) for c in conts], conts)
-            _plan_prefix(g)
-            prepared.append(g)
+            prepared.append((gi, inputs, conts))
         results: list[list[tuple[float, bool]] | None] = [None] * len(groups)
-        for batch, shared in self._batches(prepared):
-            out = self._run_shared(batch, shared) if shared else self._run(batch)
-            for g, res in zip(batch, out):
-                results[g.index] = res
-            if progress is not None:
-                progress.update(sum(len(g.inputs) for g in batch))
+        for block, trees in self._plan(prepared):
+            kv = None
+            if block:
+                dev = self.model.device
+                kv = _forward(self.model, torch.tensor([block], device=dev), torch.arange(len(block), device=dev)[None],
+                              None, keep_kv=True)
+            for rows in self._pack(trees, len(block)):
+                for t, res in zip((t for row in rows for t in row), self._run(rows, kv)):
+                    results[t.index] = res
+                if progress is not None:
+                    progress.update(sum(len(t.conts) for row in rows for t in row))
         return results  # type: ignore[return-value]
 
-    def _batches(self, prepared: list[_Group]):
-        """Yield (groups, shared prefix length). Questions whose inputs start with the same long
-        token run (a first_n few-shot block, an MMLU description) are batched together and that run
-        is computed once per batch; the others go longest first, each with its own prefix pass."""
-        order = sorted(prepared, key=lambda g: g.inputs[0])
-        runs, cur = [], [order[0]] if order else []
+    def _plan(self, prepared):
+        """Yield (shared block tokens, trees). Questions whose inputs start with the same long token
+        run (>= MIN_SHARED tokens, before any scored position) form one run with that block; the
+        others are trees of their own, all packed together."""
+        order = sorted(prepared, key=lambda g: g[1][0])
+        runs, cur = [], order[:1]
         for a, b in itertools.pairwise(order):
-            if _lcp(a.inputs[0], b.inputs[0]) >= MIN_SHARED:
+            if _lcp(a[1][0], b[1][0]) >= MIN_SHARED:
                 cur.append(b)
             else:
                 runs.append(cur)
                 cur = [b]
         if cur:
             runs.append(cur)
-        lonely = sorted((g for r in runs if len(r) == 1 for g in r), key=lambda g: (-g.cost, g.index))
-        for run in (r for r in runs if len(r) > 1):
-            run.sort(key=lambda g: (-max(len(x) for x in g.inputs), g.index))
-            for batch in self._chunks(run, lambda g: len(g.distinct), lambda g: max(len(x) for x in g.inputs)):
-                ref = batch[0].inputs[0]
-                shared = min(min(_lcp(ref, x) for g in batch for x in g.distinct) if len(batch) > 1 else 0,
-                             *(g.first_scored for g in batch))
-                a_cost = sum(g.prefix + len(g.rows) * max(len(r) for r in g.rows) for g in batch)
-                b_cost = shared + sum(len(x) - shared for g in batch for x in g.distinct)
-                if shared >= MIN_SHARED and b_cost < a_cost:
-                    yield batch, shared
-                else:
-                    yield from self._own_prefix_batches(batch)
-        yield from self._own_prefix_batches(lonely)
+        lonely = []
+        for run in runs:
+            share = all(self._shareable(ins) for _, ins, _ in run)
+            start = 0
+            if len(run) > 1 and share:
+                ref = run[0][1][0]
+                start = min(min(_lcp(ref, x) for _, ins, _ in run for x in ins),
+                            *(min(len(x) - len(c) for x, c in zip(ins, cs)) for _, ins, cs in run))
+            if start >= MIN_SHARED:
+                yield ref[:start], [_tree(gi, ins, cs, start) for gi, ins, cs in run]
+            else:
+                lonely += [_tree(gi, ins, cs, 0, share=self._shareable(ins), key_len=self._alibi_train_len is not None)
+                           for gi, ins, cs in run]
+        if lonely:
+            yield [], lonely
 
-    def _own_prefix_batches(self, groups: list[_Group]):
-        # groups that run whole (one distinct input, e.g. letter choices) never share a batch with
-        # prefix + continuation groups: their long rows would pad every short continuation row
-        for part in ([g for g in groups if g.prefix > 0], [g for g in groups if g.prefix == 0]):
-            part.sort(key=lambda g: (-g.cost, g.index))
-            yield from ((b, 0) for b in self._chunks(part, lambda g: len(g.rows), lambda g: g.cost))
+    def _shareable(self, inputs) -> bool:
+        n = self._alibi_train_len
+        return n is None or max(len(x) for x in inputs) <= n
 
-    def _chunks(self, groups: list[_Group], n_rows, width):
+    def _pack(self, trees: list[_Tree], block: int):
+        """Batches of rows: trees longest first, each batch's rows as wide as its first tree W.
+
+        Several trees may share a row (first-fit, each its own segment), but their tokens then
+        attend over the whole row: a tree is *packable* only if it is at most PACK_SLACK x n_embd
+        tokens shorter than W (that much extra attention is small next to a token's matmuls).
+        Padding costs every layer, a new batch only a few milliseconds, so a tree that fits no row
+        opens a new one only if its padding is at most ROW_PAD tokens or it is packable and at
+        most W/2 long (later trees fill the row); otherwise the batch ends and a narrower one
+        begins. Rows are capped by max_rows, the token budget and MASK_ELEMS."""
+        trees = sorted(trees, key=lambda t: (-len(t), t.index))
         i = 0
-        while i < len(groups):
-            batch, rows, w = [groups[i]], n_rows(groups[i]), width(groups[i])
-            j = i + 1
-            while j < len(groups):
-                nr, nw = rows + n_rows(groups[j]), max(w, width(groups[j]))
-                if nr > self.max_rows or nr * nw > self.batch_tokens:
-                    break
-                batch.append(groups[j])
-                rows, w = nr, nw
+        while i < len(trees):
+            W = len(trees[i])
+            # the token budget also bounds the copies of a shared block's keys/values (one per row)
+            cap = max(1, min(self.max_rows, self.batch_tokens // (W + block),
+                             MASK_ELEMS // (W * (block + W) * self._mask_heads)))
+            rows: list[list[_Tree]] = []
+            fill: list[int] = []
+            j = i
+            while j < len(trees):
+                n = len(trees[j])
+                packable = W - n <= self._pack_slack
+                for r, f in enumerate(fill):
+                    if f + n <= W and packable:
+                        rows[r].append(trees[j])
+                        fill[r] = f + n
+                        break
+                else:
+                    if len(rows) == cap or (rows and W - n > ROW_PAD and not (packable and n * 2 <= W)):
+                        break
+                    rows.append([trees[j]])
+                    fill.append(n)
                 j += 1
-            yield batch
+            yield rows
             i = j
 
-    def _run_shared(self, batch: list[_Group], shared: int) -> list[list[tuple[float, bool]]]:
-        """One pass over the tokens every question of the batch starts with, then each distinct
-        input's remainder on top of a copy of that cache (right-padded, contiguous after it)."""
-        model = self.model
-        dev = model.device
-        rows = [x[shared:] for g in batch for x in g.distinct]
-        S = max(len(r) for r in rows)
-        cache = KVCache.empty(model.config, 1, shared + S, dtype=model.dtype, device=dev)
-        model(torch.tensor([batch[0].inputs[0][:shared]], device=dev), cache=cache, last_only=True)
-        cache = _repeat_rows(cache, torch.zeros(len(rows), dtype=torch.long, device=dev))
-        logp = self._suffix_logprobs(rows, cache)
-        out, r0 = [], 0
-        for g in batch:
-            out.append(self._collect(g, logp, r0, g.distinct_of, shared))
-            r0 += len(g.distinct)
-        return out
-
-    def _run(self, batch: list[_Group]) -> list[list[tuple[float, bool]]]:
-        model = self.model
-        dev = model.device
-        P = max(g.prefix for g in batch)
-        rows = [r for g in batch for r in g.rows]
-        cache = None
-        if P > 0:
-            # prefixes left-padded to P: each one ends at slot P, where its continuations begin
-            S = max(len(r) for r in rows)
-            ids = torch.zeros((len(batch), P), dtype=torch.long)
-            mask = torch.zeros((len(batch), P), dtype=torch.long)
-            for b, g in enumerate(batch):
-                if g.prefix:
-                    ids[b, P - g.prefix:] = torch.tensor(g.inputs[0][:g.prefix])
-                    mask[b, P - g.prefix:] = 1
-            cache = KVCache.empty(model.config, len(batch), P + S, dtype=model.dtype, device=dev)
-            model(ids.to(dev), attention_mask=mask.to(dev), cache=cache, last_only=True)
-            cache = _repeat_rows(cache, torch.tensor([b for b, g in enumerate(batch) for _ in g.rows], device=dev))
-        elif all(m == 1 for g in batch for m in g.n_cont):
-            # whole inputs, one scored token each (letter choices): left-pad, logits of the last slot only
-            return self._run_last(batch)
-        logp = self._suffix_logprobs(rows, cache)
-        out, r0 = [], 0
-        for g in batch:
-            out.append(self._collect(g, logp, r0, g.row_of, g.prefix))
-            r0 += len(g.rows)
-        return out
-
-    def _run_last(self, batch: list[_Group]) -> list[list[tuple[float, bool]]]:
-        rows = [r for g in batch for r in g.rows]
-        T = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), T), dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: never attended, positions count real tokens only
-            ids[i, T - len(r):] = torch.tensor(r)
-            mask[i, T - len(r):] = 1
+    def _run(self, rows: list[list[_Tree]], kv) -> list[list[tuple[float, bool]]]:
+        """Score the trees of one batch (in row order) in one forward pass."""
+        R = len(rows)
+        T = max(sum(len(t) for t in row) for row in rows)
+        ids, pos, seg, br = [0] * (R * T), [0] * (R * T), [-1] * (R * T), [0] * (R * T)
+        klen = [1] * (R * T) if self._alibi_train_len is not None else None
+        out_slots: list[list[int]] = []  # per row: the distinct slots whose logits are scored
+        entry, target, owner, n_req, n_out = [], [], [], 0, 0
+        for r, row in enumerate(rows):
+            where: dict[int, int] = {}  # slot -> index among this row's scored slots
+            c = 0  # the tree's first slot in the row
+            for s, t in enumerate(row):
+                n, o = len(t), r * T + c
+                ids[o:o + n], pos[o:o + n], br[o:o + n], seg[o:o + n] = t.tokens, t.pos, t.branch, [s] * n
+                if klen is not None and t.key_len is not None:
+                    klen[o:o + n] = t.key_len
+                for sc, cont in zip(t.scored, t.conts):  # choices often share a scored position
+                    entry += [n_out + where.setdefault(c + k, len(where)) for k in sc]
+                    target += cont
+                    owner += [n_req] * len(cont)
+                    n_req += 1
+                c += n
+            out_slots.append(list(where))
+            n_out += len(where)
+        ids_t, pos_t = torch.tensor(ids).view(R, T), torch.tensor(pos).view(R, T)
+        seg_t, br_t = torch.tensor(seg).view(R, T), torch.tensor(br).view(R, T)
+        # a token sees: its own segment (tree), earlier positions, and the trunk or its own branch
+        allowed = ((seg_t[:, :, None] == seg_t[:, None, :]) & (pos_t[:, None, :] <= pos_t[:, :, None])
+                   & ((br_t[:, None, :] == 0) | (br_t[:, None, :] == br_t[:, :, None])))
         dev = self.model.device
-        logits = self.model(ids.to(dev), attention_mask=mask.to(dev), last_only=True)
-        logp = F.log_softmax(logits.float(), dim=-1)  # [rows, 1, vocab]
-        out, r0 = [], 0
-        for g in batch:
-            res = []
-            for q in range(len(g.inputs)):
-                lp = logp[r0 + g.row_of[q], 0]
-                t = g.conts[q][0]
-                res.append((lp[t].item(), bool(lp.argmax().item() == t)))
-            out.append(res)
-            r0 += len(g.rows)
+        n_max = max(len(x) for x in out_slots)
+        out_t = torch.tensor([x + [0] * (n_max - len(x)) for x in out_slots], device=dev)
+        hidden = _forward(self.model, ids_t.to(dev), pos_t.to(dev), allowed.to(dev), out=out_t, block_kv=kv,
+                          key_len=torch.tensor(klen).view(R, T).to(dev) if klen is not None else None)
+        hidden = hidden.reshape(R * n_max, -1)
+        if n_out < R * n_max:  # drop the padding of the per-row slot lists
+            hidden = hidden.index_select(0, torch.tensor([r * n_max + j for r, x in enumerate(out_slots)
+                                                          for j in range(len(x))], device=dev))
+        lp, miss = _token_logprobs(self.model, hidden, torch.tensor(entry, device=dev), torch.tensor(target, device=dev))
+        own = torch.tensor(owner, device=dev)
+        lls = torch.zeros(n_req, dtype=torch.float64, device=dev).index_add_(0, own, lp.double()).tolist()
+        bad = torch.zeros(n_req, dtype=torch.float64, device=dev).index_add_(0, own, miss).tolist()
+        out, q = [], 0
+        for row in rows:
+            for t in row:
+                k = len(t.conts)
+                out.append([(lls[q + i], bad[q + i] == 0) for i in range(k)])
+                q += k
         return out
 
-    def _suffix_logprobs(self, rows, cache) -> torch.Tensor:
-        S = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), S), dtype=torch.long)
-        mask = torch.zeros((len(rows), S), dtype=torch.long)
-        for r, toks in enumerate(rows):  # right-padded: padding comes after everything scored
-            ids[r, :len(toks)] = torch.tensor(toks)
-            mask[r, :len(toks)] = 1
-        dev = self.model.device
-        logits = self.model(ids.to(dev), attention_mask=mask.to(dev), cache=cache)
-        return F.log_softmax(logits.float(), dim=-1)
 
-    @staticmethod
-    def _collect(g: _Group, logp: torch.Tensor, r0: int, row_of: list[int], offset: int) -> list[tuple[float, bool]]:
-        res = []
-        for q in range(len(g.inputs)):
-            n_in = len(g.inputs[q]) - offset  # tokens of this request in its row
-            m = g.n_cont[q]
-            lp = logp[r0 + row_of[q], n_in - m:n_in]  # [m, vocab]
-            target = torch.tensor(g.conts[q], device=lp.device)
-            res.append((lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())))
-        return res
+def _forward(model, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor | None, out=None,
+             block_kv=None, keep_kv: bool = False, key_len: torch.Tensor | None = None):
+    """Transformer.forward with an explicit attention pattern, computing only what is scored.
+
+    ids, pos [R, T]; allowed [R, T, T] (query, key) among these tokens, None = causal. block_kv:
+    per-layer (k, v) [1, n_kv_head, S0, head_dim] of a shared block at positions 0..S0-1 that every
+    token sees. Returns the final-norm hidden states [R, n, d] at the slots `out` [R, n] (the LM
+    head runs in `_token_logprobs`), or with keep_kv the per-layer (k, v) of these tokens (a block).
+
+    The last block runs in full only at `out`: every token's keys and values are computed (they
+    are attended to), but the queries, attention, output projection and MLP of the other positions
+    would feed nothing that is scored. The blocks are the model's own modules; the last layer's
+    keys/values come from the `k | v` rows of its fused `attn.qkv` projection, as Attention does.
+    """
+    c = model.config
+    R, T = ids.shape
+    dev = ids.device
+    S0 = block_kv[0][0].shape[2] if block_kv is not None else 0
+    x = model.wte(ids)
+    if model.wpe is not None:
+        x = x + model.wpe(pos)
+    if c.embedding_scale != 1.0:
+        x = x * c.embedding_scale
+    rope = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling, x.dtype) if c.position == "rope" else None
+
+    mask = None
+    neg = torch.finfo(model.dtype).min
+    if allowed is None and (c.position == "alibi" or not keep_kv):
+        allowed = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None].expand(R, T, T)
+    if allowed is not None:
+        if S0:
+            allowed = torch.cat([allowed.new_ones(R, T, S0), allowed], dim=-1)
+        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=dev).masked_fill_(~allowed, neg)
+        mask = mask[:, None]  # [R, 1, T, S0 + T]
+        if c.position == "alibi":
+            kpos = torch.cat([torch.arange(S0, device=dev)[None].expand(R, S0), pos], dim=-1)
+            dist = (pos[:, :, None] - kpos[:, None, :]).abs().float()  # [R, T, S]
+            slopes = model.alibi_slopes.float()[None, :, None, None]  # [1, H, 1, 1]
+            sc = c.alibi_scaling or {}
+            if sc.get("factor") is not None:
+                slopes = slopes / float(sc["factor"])
+            elif sc.get("train_seq_len") is not None and key_len is not None:  # per query: its own length
+                f = torch.clamp(key_len.float() / float(sc["train_seq_len"]), min=1.0)
+                slopes = slopes / f[:, None, :, None]
+            mask = mask - slopes * dist[:, None]
+        mask = mask.to(model.dtype)
+
+    n_out = 0 if keep_kv else out.shape[1]
+    S = S0 + T + n_out  # cache slots: the block, these tokens, and (last layer) the re-run `out` tokens
+    caches, kept = [None] * len(model.h), []
+    if block_kv is not None or keep_kv:
+        caches = []
+        for i in range(len(model.h) if keep_kv else len(model.h) - 1):
+            k_all, v_all = _kv_buffers(model, R, S, block_kv[i] if block_kv is not None else None)
+            kept.append((k_all, v_all))
+            caches.append((k_all, v_all, None, None, S0 + T, S0))  # the layer-cache form Attention takes
+    body = model.h if keep_kv else model.h[:-1]
+    for block, lc in zip(body, caches):
+        x = block(x, rope, mask, mask is None, lc)
+    if keep_kv:
+        return kept
+
+    last, d = model.h[-1], x.shape[-1]
+    a = last.attn
+    nq, nkv = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
+    kv = F.linear(last.ln_1(x), a.qkv.weight[nq:], a.qkv.bias[nq:] if a.qkv.bias is not None else None)
+    k = kv[..., :nkv].view(R, T, a.n_kv_head, a.head_dim).transpose(1, 2)
+    v = kv[..., nkv:].view(R, T, a.n_kv_head, a.head_dim).transpose(1, 2)
+    if rope is not None:
+        k = apply_rope(k, *rope)
+    k_all, v_all = _kv_buffers(model, R, S, block_kv[-1] if block_kv is not None else None)
+    k_all[:, :, S0:S0 + T], v_all[:, :, S0:S0 + T] = k, v
+    xs = x.gather(1, out[..., None].expand(R, n_out, d))
+    rope_s = tuple(t.gather(1, out[..., None].expand(R, n_out, t.shape[-1])) for t in rope) if rope is not None else None
+    # the re-run tokens see what they saw in the full pass; their own second copies (the last
+    # n_out cache slots, written by Attention) are masked out
+    ms = mask.gather(2, out[:, None, :, None].expand(R, mask.shape[1], n_out, mask.shape[-1]))
+    ms = torch.cat([ms, ms.new_full((R, ms.shape[1], n_out, n_out), neg)], dim=-1)
+    xs = last(xs, rope_s, ms, False, (k_all, v_all, None, None, S, S0 + T))
+    return model.ln_f(xs)
 
 
-MIN_SHARED = 32  # tokens a batch of questions must share before it is worth one extra pass
+def _kv_buffers(model, R: int, S: int, block=None):
+    """Per-layer key/value buffers [R, n_kv_head, S, head_dim], starting with a shared block's."""
+    c = model.config
+    shape = (R, c.n_kv_head, S, c.head_dim)
+    k_all = torch.empty(shape, dtype=model.dtype, device=model.device)
+    v_all = torch.empty(shape, dtype=model.dtype, device=model.device)
+    if block is not None:
+        S0 = block[0].shape[2]
+        k_all[:, :, :S0], v_all[:, :, :S0] = block
+    return k_all, v_all
+
+
+def _token_logprobs(model, hidden: torch.Tensor, entry: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scored token e: log p(target[e]) at hidden state entry[e], and 1.0 where target[e] is
+    not the argmax. hidden [U, d] are final-norm states of distinct positions.
+
+    The LM head runs on HEAD_CHUNK positions at a time, so each chunk's logits are still in cache
+    for the reductions, done in place: log p(t) = (x_t - max) - log(sum(exp(x - max))), the
+    arithmetic of log_softmax without writing its full-vocabulary output; t is greedy iff x_t is
+    the maximum and no earlier token ties it (argmax returns the first maximum, as in the harness).
+    """
+    scale = model.config.logits_scale
+    order = torch.argsort(entry, stable=True)  # entries grouped by position, chunk by chunk
+    eu, et = entry[order], target[order]
+    U = hidden.shape[0]
+    bounds = torch.searchsorted(eu, torch.arange(0, U + HEAD_CHUNK, HEAD_CHUNK, device=eu.device)).tolist()
+    lps, misses = [], []
+    for c, a in enumerate(range(0, U, HEAD_CHUNK)):
+        logits = model.lm_head(hidden[a:a + HEAD_CHUNK])
+        if scale != 1.0:
+            logits = logits * scale
+        logits = logits.float()
+        r, t = eu[bounds[c]:bounds[c + 1]] - a, et[bounds[c]:bounds[c + 1]]
+        m = logits.amax(-1, keepdim=True)
+        xt = logits[r, t] - m[r, 0]
+        logits.sub_(m)  # maxima are exactly 0 now
+        hit = xt >= 0
+        if bool(hit.any()):  # t is a maximum: greedy only if it is the first one
+            rows = hit.nonzero()[:, 0]
+            hit[rows] = (logits[r[rows]] == 0).to(torch.uint8).argmax(-1) == t[rows]
+        lse = logits.exp_().sum(-1).log_()
+        lps.append(xt - lse[r])
+        misses.append((~hit).to(torch.float64))
+    lp, miss = torch.empty_like(torch.cat(lps)), torch.empty(len(order), dtype=torch.float64, device=eu.device)
+    lp[order], miss[order] = torch.cat(lps), torch.cat(misses)
+    return lp, miss
 
 
 def _lcp(a, b) -> int:
+    """Length of the common prefix of two token lists (slice compares run in C)."""
     n = min(len(a), len(b))
-    k = 0
-    while k < n and a[k] == b[k]:
-        k += 1
-    return k
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
-def _repeat_rows(cache: KVCache, idx: torch.Tensor) -> KVCache:
-    """A cache whose row i is a copy of row idx[i] of `cache` (each row then grows on its own)."""
-    return KVCache(k=[t.index_select(0, idx) for t in cache.k], v=[t.index_select(0, idx) for t in cache.v],
-                   lengths=cache.lengths.index_select(0, idx), valid=cache.valid.index_select(0, idx),
-                   n_real=cache.n_real.index_select(0, idx))
-
-
-def _plan_prefix(g: _Group) -> None:
-    """Choose the shared prefix and the distinct continuation rows of one question."""
-    inputs = g.inputs
-    first_scored = min(len(x) - m for x, m in zip(inputs, g.n_cont))
-    p = min(len(x) for x in inputs)
-    for x in inputs[1:]:
-        k = 0
-        lim = min(p, len(x))
-        a = inputs[0]
-        while k < lim and a[k] == x[k]:
-            k += 1
-        p = k
-    p = min(p, first_scored)
-    suffixes = [tuple(x[p:]) for x in inputs]
-    distinct = list(dict.fromkeys(suffixes))
-    if len(distinct) == 1 or p == 0:  # one row (e.g. single-token choices): no prefix pass needed
-        p = 0
-        suffixes = [tuple(x) for x in inputs]
-        distinct = list(dict.fromkeys(suffixes))
-    g.prefix = p
-    g.rows = distinct
-    where = {s: i for i, s in enumerate(distinct)}
-    g.row_of = [where[s] for s in suffixes]
-    whole = [tuple(x) for x in inputs]
-    uniq = list(dict.fromkeys(whole))
-    g.distinct = [list(x) for x in uniq]
-    g.distinct_of = [uniq.index(x) for x in whole]
-    g.first_scored = first_scored
+def _tree(index: int, inputs: list[list[int]], conts: list[list[int]], start: int, share: bool = True,
+          key_len: bool = False) -> _Tree:
+    """The tree of one question: tokens from `start` on (before it: a shared block), the common
+    prefix of its inputs once (unless share=False), then each distinct remainder."""
+    p = start
+    if share:
+        p = min(len(x) for x in inputs)
+        for x in inputs[1:]:
+            p = min(p, _lcp(inputs[0], x))
+    tokens, pos, branch = list(inputs[0][start:p]), list(range(start, p)), [0] * (p - start)
+    klen = [max(len(x) for x in inputs)] * (p - start) if key_len else None
+    where: dict[tuple, int] = {}
+    for x in inputs:
+        rest = tuple(x[p:])
+        if rest and rest not in where:
+            where[rest] = len(tokens)
+            tokens += rest
+            pos += range(p, len(x))
+            branch += [len(where)] * len(rest)
+            if klen is not None:
+                klen += [len(x)] * len(rest)
+    scored = []
+    for x, cont in zip(inputs, conts):
+        off = where.get(tuple(x[p:]), 0)
+        n = len(x)
+        scored.append([k - start if k < p else off + k - p for k in range(n - len(cont), n)])
+    return _Tree(index, tokens, pos, branch, scored, [list(c) for c in conts], klen)
 
 
 # ---------------------------------------------------------------------------------------------
