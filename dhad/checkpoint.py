@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from dhad.config import Config
 from dhad.model import Transformer
+from dhad.utils import atomic_write_text as _atomic_write_text
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -283,8 +284,6 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
 
-
-from dhad.utils import atomic_write_text as _atomic_write_text  # noqa: E402
 
 def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, dtype=None,
                max_shard_size: int | str | None = None, generation_config: dict | None = None) -> Path:

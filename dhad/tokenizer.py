@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from dhad.utils import atomic_write_bytes as _atomic_write
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -166,8 +167,6 @@ CHATML_TEMPLATE = (
 # ----------------------------------------------------------------------------------------------
 # the wrapper
 
-
-from dhad.utils import atomic_write_bytes as _atomic_write  # noqa: E402
 
 def _token_str(v) -> str | None:
     if v is None:

@@ -41,6 +41,7 @@ from dhad.data.dedup import DedupConfig, Deduplicator, exact_key, signature
 from dhad.data.filters import FilterConfig, check
 from dhad.data.readers import NoInput, ReadStats, expand_inputs, read_documents, split_long
 from dhad.data.shards import ShardSet, ShardWriter, _write_json_atomic
+from dhad.utils import jsonable as _jsonable
 
 # Card mixtures (relative token counts: English, Arabic, code) — jais-family model card's table.
 CARD_MIXES = {
@@ -335,8 +336,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     _write_json_atomic(out / "report.json", report)
     return report
 
-
-from dhad.utils import jsonable as _jsonable  # noqa: E402
 
 def format_report(report: dict) -> str:
     """The report as a plain-text table (kept/dropped per rule, read problems, per source, mixture)."""

@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from dhad.utils import atomic_write_json as _write_json_atomic
 
 FORMAT = "dhad-shards-v1"
 KINDS = ("pretrain", "sft", "prefs")
@@ -110,8 +111,6 @@ def tokenizer_hash(tokenizer_dir_or_file: str | os.PathLike) -> str | None:
             return file_hash(cand)
     return None
 
-
-from dhad.utils import atomic_write_json as _write_json_atomic  # noqa: E402
 
 class ShardWriter:
     """Append documents (pretrain), rows (sft) or pairs (prefs); ``close()`` publishes atomically.

@@ -59,6 +59,8 @@ from dhad.data.backends import (BackendUnavailable, GenParams, RequestFailed, ad
                                 backend_from_args, gen_params_from_args)
 from dhad.data.filters import script_counts
 from dhad.data.readers import SUFFIXES, Doc, ReadStats, expand_inputs, read_documents
+from dhad.utils import atomic_write_json as write_json_atomic
+from dhad.utils import jsonable as _jsonable
 
 __all__ = ["TranslateError", "Chunk", "split_text", "reassemble", "QualityConfig", "RULES", "check_translation",
            "script_ratio", "repetition", "chrf", "corpus_chrf", "recover_jsonl", "JsonlAppender", "TranslateConfig",
@@ -294,8 +296,6 @@ class JsonlAppender:
     def __exit__(self, *exc):
         self.close()
 
-
-from dhad.utils import atomic_write_json as write_json_atomic  # noqa: E402
 
 def sidecar(out: str | os.PathLike, what: str) -> Path:
     """``x.jsonl`` -> ``x.<what>``: the rejected file and the report live beside the output."""
@@ -567,8 +567,6 @@ async def _run(cfg: TranslateConfig, backend, files) -> dict:
     write_json_atomic(rep_path, report)
     return report
 
-
-from dhad.utils import jsonable as _jsonable  # noqa: E402
 
 def format_report(r: dict) -> str:
     d = r["docs"]

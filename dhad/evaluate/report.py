@@ -13,11 +13,10 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from dhad.utils import atomic_write_text
 
 LANG_NAMES = {"ar": "Arabic", "en": "English"}
 
-
-from dhad.utils import atomic_write_text  # noqa: E402
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -37,6 +37,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dhad.train.distributed import DistEnv, barrier, unwrap
+from dhad.utils import atomic_write_json as _write_json_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -46,8 +47,6 @@ class CheckpointError(RuntimeError):
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
-
-from dhad.utils import atomic_write_json as _write_json_atomic  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # RNG
