@@ -136,8 +136,35 @@ class KVCache:
 # ---------------------------------------------------------------------------------------------
 # Layers
 
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm with a hand-written backward: the forward is RMSNorm.forward's arithmetic (bit-identical
+    output), the backward 5 passes over [tokens, dim] where autograd's graph of the forward makes ~12.
+    `out_dtype`: under autocast the output is written straight in the compute dtype (the next op, a
+    Linear, would cast it anyway), and the incoming bf16 gradient is used without a cast back."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = xf * r  # fp32, kept for the backward
+        y = torch.mul(weight, xhat.to(x.dtype), out=torch.empty(x.shape, dtype=out_dtype, device=x.device))
+        ctx.save_for_backward(xhat, r, weight)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, r, weight = ctx.saved_tensors  # the backward runs in fp32 whatever g's dtype
+        gw = (g * xhat).flatten(0, -2).sum(0).to(weight.dtype)
+        gxhat = g * weight.float()
+        # d/dx of x * r(x): r * (gxhat - xhat * mean(gxhat * xhat))
+        gx = torch.addcmul(gxhat, xhat, (gxhat * xhat).mean(-1, keepdim=True), value=-1).mul_(r)
+        return gx.to(ctx.x_dtype), gw, None, None
+
+
 class RMSNorm(nn.Module):
-    """Llama RMSNorm: normalise in fp32, cast back, then scale (transformers' order of operations)."""
+    """Llama RMSNorm: normalise in fp32, cast back, then scale (transformers' order of operations).
+    When a gradient is needed: the same arithmetic through _RMSNormFn (fewer passes backward)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -145,6 +172,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            dev = x.device.type
+            out = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                   else torch.promote_types(self.weight.dtype, x.dtype))
+            return _RMSNormFn.apply(x, self.weight, self.eps, out)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -219,6 +251,79 @@ class Block(nn.Module):
     def forward(self, x, rope, attn_mask, is_causal, layer_cache=None):
         x = x + self.attn(self.ln_1(x), rope, attn_mask, is_causal, layer_cache)
         return x + self.mlp(self.ln_2(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: LM head + cross-entropy fused, in chunks of tokens
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(scale * x_i @ W^T, t_i) without the [tokens, vocab] fp32 logits (Liger-Kernel's fused
+    linear cross-entropy, Hsu et al. 2024). Per chunk of tokens: logits in the compute dtype, the
+    target's log-probability in fp32, and -- when training -- at once the logits' gradient
+    softmax - onehot, rounded once to the compute dtype as autograd would; per group of chunks, one
+    matmul each for the gradients of x and W. The backward only scales them by the incoming gradient.
+    Why: the plain path writes and re-reads [tokens, vocab] fp32 logits, log-softmax and gradient
+    about ten times; here they are made and used chunk by chunk, and peak memory holds one group of
+    bf16 gradient rows (<= 2^26 values) instead of all the fp32 logits."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, scale, chunk, group, dtype, need_x, need_w):
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(dtype)
+            valid = targets != -100
+            tgt = torch.where(valid, targets, 0)[:, None]
+            xs = (x * scale if scale != 1.0 else x).to(dtype)  # muP output scale folded into x
+            if need_w:
+                xs = xs * valid[:, None].to(dtype)  # ignored positions give the weight no gradient
+            n, grad = x.shape[0], need_x or need_w
+            total = torch.zeros((), dtype=torch.float32, device=x.device)
+            gx = torch.empty(x.shape, dtype=dtype, device=x.device) if need_x else None
+            gw = None
+            rows = torch.empty(min(group, n), w.shape[0], dtype=dtype, device=x.device) if grad else None
+            for s0 in range(0, n, group):
+                e0 = min(s0 + group, n)
+                for s in range(s0, e0, chunk):
+                    e = min(s + chunk, e0)
+                    z = xs[s:e] @ w.t()
+                    lt = torch.log_softmax(z, -1, dtype=torch.float32).gather(1, tgt[s:e])  # log p(target)
+                    total -= (lt[:, 0] * valid[s:e]).sum()
+                    if grad:
+                        g = rows[s - s0:e - s0]
+                        torch.softmax(z, -1, out=g)  # fp32 inside, one rounding to the compute dtype
+                        g.scatter_(1, tgt[s:e], torch.expm1(lt).to(dtype))  # p - 1 at the target, from fp32
+                if need_x:
+                    torch.mm(rows[:e0 - s0], w, out=gx[s0:e0])
+                if need_w:
+                    part = rows[:e0 - s0].t() @ xs[s0:e0]
+                    gw = part.float() if gw is None else gw.add_(part)
+            if need_x:
+                gx *= (valid[:, None] * scale).to(dtype)
+        ctx.save_for_backward(gx, gw)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw = ctx.saved_tensors
+        return (gx.to(ctx.dtypes[0]) * grad if gx is not None else None,
+                (gw * grad).to(ctx.dtypes[1]) if gw is not None else None) + (None,) * 7
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
+                         chunk: int | None = None, group: int | None = None) -> torch.Tensor:
+    """Sum over positions with targets != -100 of CE(scale * x @ weight^T, targets), fp32 scalar;
+    x [..., E], targets [...]. Computes in the autocast dtype when autocast is on (as nn.Linear
+    would), else in x's dtype. chunk: tokens per log-softmax (default ~2^22 logits, >= 256);
+    group: tokens per gradient matmul (default ~2^26 logits, a multiple of chunk)."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    V = weight.shape[0]
+    chunk = int(chunk or max(256, (1 << 22) // V))
+    group = int(group or max(1, (1 << 26) // V // chunk) * chunk)
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(x, weight, targets, float(scale), chunk, group, dtype,
+                                     grad and x.requires_grad, grad and weight.requires_grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +420,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False, logits_to_keep: int = 0,
-                static: bool = False) -> torch.Tensor:
+                static: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or [B, k, vocab] for the last k positions with
         logits_to_keep=k, as transformers names it; last_only is logits_to_keep=1).
 
@@ -328,6 +433,10 @@ class Transformer(nn.Module):
         covers all `cache.max_len` slots, unfilled ones masked out, new keys/values are scattered
         in, and there are no host syncs -- so `torch.compile` makes one graph for every decode step
         (`dhad.generate.decode_step`). The caller guarantees the cache has room (no overflow check).
+
+        targets [B, T] (next-token ids, -100 = ignored; no shift inside): instead of logits, return the
+        summed cross-entropy (fp32 scalar) through `linear_cross_entropy`, which never holds the
+        [B, T, vocab] logits. The loss sits inside forward so DDP / FSDP / torch.compile see one call.
         """
         c = self.config
         B, T = input_ids.shape
@@ -402,12 +511,16 @@ class Transformer(nn.Module):
             x = x + self.wpe(position_ids)
         if c.embedding_scale != 1.0:
             x = x * c.embedding_scale
-        rope = self._rope(position_ids, x.dtype) if c.position == "rope" else None
+        # under autocast, cos/sin in the compute dtype: q, k stay bf16 into attention (no fp32 round trip)
+        rope_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
+        rope = self._rope(position_ids, rope_dtype) if c.position == "rope" else None
 
         for i, block in enumerate(self.h):
             lc = (cache.k[i], cache.v[i], bidx, slots, S, s0) if cache is not None else None
             x = block(x, rope, attn_mask, cache is None, lc)
         x = self.ln_f(x)
+        if targets is not None:
+            return linear_cross_entropy(x, self.lm_head.weight, targets, c.logits_scale)
         if last_only:
             logits_to_keep = 1
         if logits_to_keep:

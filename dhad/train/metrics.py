@@ -3,9 +3,11 @@
 MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOPs / peak FLOPs, with model FLOPs
 per token = `Config.flops_per_token(seq_len)` (6N + 12·L·d·T: forward + backward, attention
 included, recomputation not counted). The peak is the recipe's `peak_flops` when given, else
-*measured* at the start of the run with a large matmul in the run's compute dtype, on the run's
-device — the honest denominator on machines without a datasheet number (DESIGN.md: this 2-core CPU
-does ≈0.9 TFLOP/s bf16).
+*measured* at the start of the run: the best rate of large square matmuls in the run's compute dtype,
+on the run's device, with the run's threads -- the honest denominator on machines without a
+datasheet number. On the shared 2-core AMX CPU a quiet measurement gives ~2.2-2.3 TFLOP/s bf16 on
+two threads (~1.4 on one); a neighbour's load lowers it (0.6-1.3 measured), which would inflate MFU:
+pass `peak_flops` for runs whose MFU you will compare.
 
 Records (one JSON object per line, `metrics.jsonl`):
     {"event": "step", "step": k, "loss": .., "lr": .., "grad_norm": .., "tokens": .., "seq_len": ..,
@@ -25,32 +27,38 @@ import torch
 
 def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                        n: int | None = None, seconds: float = 0.5) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` on `device` (best of a few timed repeats)."""
+    """The best FLOP/s of square n x n x n matmuls in `dtype` on `device`, with the threads this process
+    trains with: best of timed repeats (a repeat slowed by a neighbour on a shared machine is not the
+    peak) and, unless `n` is given, best over several sizes -- which size is fastest depends on the
+    machine (measured quiet on the 2-core AMX CPU, two threads: bf16 1.5 TFLOP/s at n=1024, 2.9 at 1536,
+    2.6 at 2048, 2.0 at 4096), and a single fixed size can understate the peak and so overstate MFU."""
     device = torch.device(device)
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    sizes = [n] if n else ([4096, 8192] if device.type == "cuda" else [1024, 1536, 2048, 3072, 4096])
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    a @ b  # warm up (threads, kernels)
-    sync()
-    best, spent = float("inf"), 0.0
-    reps = 0
-    while spent < seconds or reps < 3:
-        t0 = time.perf_counter()
-        for _ in range(4 if device.type == "cuda" else 1):
-            a @ b
+    best_rate = 0.0
+    for m in sizes:
+        a = torch.randn(m, m, device=device, dtype=dtype)
+        b = torch.randn(m, m, device=device, dtype=dtype)
+        a @ b  # warm up (threads, kernels)
         sync()
-        dt = (time.perf_counter() - t0) / (4 if device.type == "cuda" else 1)
-        best = min(best, dt)
-        spent += dt
-        reps += 1
-        if reps >= 50:
-            break
-    return 2 * n ** 3 / best
+        inner = 4 if device.type == "cuda" else 1
+        best, spent, reps = float("inf"), 0.0, 0
+        while spent < seconds / len(sizes) or reps < 2:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                a @ b
+            sync()
+            dt = (time.perf_counter() - t0) / inner
+            best, spent, reps = min(best, dt), spent + dt * inner, reps + 1
+            if reps >= 50:
+                break
+        best_rate = max(best_rate, 2 * m ** 3 / best)
+        del a, b
+    return best_rate
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -16,6 +16,9 @@ metrics — and asks the objective only for:
                                             and how many there were; the loop divides by the count over
                                             the whole global batch, so micro batches and processes with
                                             different counts still give the exact global mean.
+                                            The LM objectives (pretrain, adapt, sft) ask the model for
+                                            the summed loss itself, `model(ids, targets=labels)`, so the
+                                            LM head and cross-entropy run fused and chunked.
     metrics()                             -> extra floats for the step record, called on every process at
                                             every logged step (it may all-reduce); e.g. DPO reward margins
     eval_metrics()                        -> extra floats after each evaluation (every process)
@@ -108,7 +111,9 @@ class Objective:
 
 
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies in fp32 (targets -100 ignored)."""
+    """Sum of next-token cross-entropies in fp32 (targets -100 ignored), from materialised logits.
+    dhad's own model does not come here: `model(ids, targets=labels)` fuses the LM head with the
+    loss (dhad.model.linear_cross_entropy) and never builds the [B, T, vocab] logits."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
 
@@ -129,8 +134,8 @@ class LanguageModeling(Objective):
         return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"])
-        return _ce_sum(logits, batch["labels"]), torch.tensor(batch["labels"].numel(), device=logits.device)
+        s = model(batch["input_ids"], targets=batch["labels"])
+        return s, torch.tensor(batch["labels"].numel(), device=s.device)
 
 
 @register_objective("adapt")
@@ -160,6 +165,5 @@ class InstructionTuning(Objective):
         return {"input_ids": to(ids), "labels": to(labels), "segment_ids": to(seg)}
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"], segment_ids=batch["segment_ids"])
         labels = batch["labels"]
-        return _ce_sum(logits, labels), (labels != -100).sum()
+        return model(batch["input_ids"], segment_ids=batch["segment_ids"], targets=labels), (labels != -100).sum()
