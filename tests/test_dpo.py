@@ -32,17 +32,10 @@ from dhad.train.dpo import (
 from dhad.train.loop import train
 from dhad.train.recipe import load_recipe, parse_recipe
 
+pytestmark = pytest.mark.one_thread  # tiny models: see conftest._one_thread
+
 REPO = Path(__file__).resolve().parents[1]
 V = 512
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are many tiny ops: one thread is faster, and does not stall on a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _random_pairs(n, seed, max_prompt=14, max_answer=5):

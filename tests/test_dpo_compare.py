@@ -15,16 +15,9 @@ from dhad.evaluate.compare import compare_models, preference_accuracy
 from dhad.evaluate.mtbench import load_answers
 from dhad.model import Transformer
 
+pytestmark = pytest.mark.one_thread  # tiny models: see conftest._one_thread
+
 ANS = re.compile(r"\[The Start of Assistant ([AB])'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", re.DOTALL)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are many tiny ops: one thread is faster, and does not stall on a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class LongerAnswerJudge:

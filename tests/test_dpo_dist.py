@@ -15,14 +15,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_dpo import _random_pairs, _write_prefs
-from test_train_dist import TOL, _close, _losses, _one_thread, _torchrun  # noqa: F401  (_one_thread: autouse)
+from test_train_dist import TOL, _close, _losses, _torchrun
 
 from dhad.checkpoint import save_model
 from dhad.config import Config
 from dhad.model import Transformer
 from dhad.train.loop import train
 
-pytestmark = pytest.mark.slow  # torchrun starts 2 fresh Python processes per test
+pytestmark = [pytest.mark.slow, pytest.mark.one_thread]  # torchrun starts 2 fresh Python processes per test
 
 # Reward metrics start at ~1e-8 (policy == reference): compared with an absolute tolerance.
 KEYS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",

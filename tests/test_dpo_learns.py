@@ -24,6 +24,8 @@ from dhad.config import Config
 from dhad.data.shards import PrefsSet, ShardWriter
 from dhad.model import Transformer
 
+pytestmark = pytest.mark.one_thread  # tiny models: see conftest._one_thread
+
 FILES = ("xquad_qa_pairs_en.jsonl", "xquad_qa_pairs_ar.jsonl", "arcd_qa_pairs_ar.jsonl")
 MAX_LEN = 48
 PARAGRAPHS_PER_FILE = 45
@@ -46,17 +48,6 @@ def _rows(shared_data):
                 train.append(r)
                 heldout.append({**r, "rejected": far[j % len(far)]["chosen"], "negative": "other_context"})
     return train, heldout
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Hundreds of steps of a 0.2M-parameter model are many tiny ops: one thread is faster than two, and
-    does not stall when another process holds the second core."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

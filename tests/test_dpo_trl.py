@@ -19,16 +19,11 @@ import dhad
 from dhad.checkpoint import hf_state_dict
 from dhad.train.dpo import Pair, collate, preference_loss, sequence_logps
 
+pytestmark = pytest.mark.one_thread  # tiny models: see conftest._one_thread
+
 BETA = 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are many tiny ops: one thread is faster, and does not stall on a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 N_PAIRS = 6
 
 # Small, hand-written bilingual pairs in the shape of the shared derived QA pairs (prompt ends with the

@@ -19,19 +19,9 @@ from safetensors.torch import load_file
 from dhad.data.shards import ShardWriter
 from dhad.train.loop import train
 
-pytestmark = pytest.mark.slow  # torchrun starts 2 fresh Python processes per test
+pytestmark = [pytest.mark.slow, pytest.mark.one_thread]  # torchrun starts 2 fresh Python processes per test
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine every extra thread adds
-    synchronisation stalls (measured: 1 thread 3.7 s vs 2 threads 46 s for the same run under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
