@@ -224,6 +224,11 @@ class Sampler:
         self.prompt_len = torch.zeros(B, dtype=torch.long, **z)
         self.n_gen = torch.zeros(B, dtype=torch.long, **z)
         self.generators: list[torch.Generator | None] = [None] * B
+        # Host-side copies of which rows need which processor, so a step decides what to run
+        # without reading tensors back (each read is a sync and a few microseconds per token).
+        self._pen = [False] * B  # repetition_penalty != 1
+        self._samp = [False] * B  # do_sample
+        self._minlen = [False] * B  # min_new_tokens / min_length can block EOS
         self._tensors = ("seen", "stop_mask", "penalty", "temperature", "top_k", "top_p", "do_sample", "min_new",
                          "min_total", "prompt_len", "n_gen")
 
@@ -245,6 +250,9 @@ class Sampler:
         self.min_total[r] = int(params.min_length)
         self.prompt_len[r] = len(prompt_ids)
         self.n_gen[r] = 0
+        self._pen[r] = float(params.repetition_penalty) != 1.0
+        self._samp[r] = bool(params.do_sample)
+        self._minlen[r] = int(params.min_new_tokens) > 0 or int(params.min_length) > len(prompt_ids)
         if params.do_sample and generator is None:
             generator = torch.Generator(device=self.device)
             # Unseeded: draw the seed from torch's global RNG, so torch.manual_seed makes runs repeatable.
@@ -257,28 +265,40 @@ class Sampler:
             t[dst] = t[src]
         self.generators[dst] = self.generators[src]
         self.generators[src] = None
+        for flags in (self._pen, self._samp, self._minlen):
+            flags[dst] = flags[src]
 
     def _sel(self, t: torch.Tensor, rows, n: int) -> torch.Tensor:
         return t[:n] if rows is None else t[rows]
 
+    @staticmethod
+    def _row_list(rows, n: int) -> list[int]:
+        return list(range(n)) if rows is None else [int(r) for r in (rows.tolist() if torch.is_tensor(rows) else rows)]
+
     def observe(self, tokens: torch.Tensor, rows: torch.Tensor | None = None):
         """Record the tokens just chosen for ``rows`` (default rows 0..len(tokens)-1)."""
         n = tokens.shape[0]
-        r = torch.arange(n, device=self.device) if rows is None else rows
-        self.seen[r, tokens.clamp(max=self.V - 1)] = True
-        self.n_gen[r] += 1
+        idx = self._row_list(rows, n)
+        if any(self._pen[i] for i in idx):  # only the repetition penalty reads `seen`
+            r = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+            self.seen[r, tokens.clamp(max=self.V - 1)] = True
+        if any(self._minlen[i] for i in idx):  # only the min-length check reads `n_gen`
+            if rows is None:
+                self.n_gen[:n] += 1
+            else:
+                self.n_gen[torch.as_tensor(idx, dtype=torch.long, device=self.device)] += 1
 
     def process(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Processors that apply to every row (greedy too): repetition penalty, min-length."""
         n = logits.shape[0]
+        idx = self._row_list(rows, n)
         logits = logits.float()
-        pen = self._sel(self.penalty, rows, n)
-        if bool((pen != 1).any()):
-            logits = apply_repetition_penalty(logits, self._sel(self.seen, rows, n), pen)
-        n_gen = self._sel(self.n_gen, rows, n)
-        block = (n_gen < self._sel(self.min_new, rows, n)) | \
-            (self._sel(self.prompt_len, rows, n) + n_gen < self._sel(self.min_total, rows, n))
-        if bool(block.any()):
+        if any(self._pen[i] for i in idx):  # rows with penalty 1 are left unchanged by it
+            logits = apply_repetition_penalty(logits, self._sel(self.seen, rows, n), self._sel(self.penalty, rows, n))
+        if any(self._minlen[i] for i in idx):
+            n_gen = self._sel(self.n_gen, rows, n)
+            block = (n_gen < self._sel(self.min_new, rows, n)) | \
+                (self._sel(self.prompt_len, rows, n) + n_gen < self._sel(self.min_total, rows, n))
             logits = logits.masked_fill(block[:, None] & self._sel(self.stop_mask, rows, n), -float("inf"))
         return logits
 
@@ -294,14 +314,14 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Next token for ``rows`` (default 0..n-1) given their last-position logits [n, V]."""
         n = logits.shape[0]
-        rows_t = torch.arange(n, device=self.device) if rows is None else rows
+        idx = self._row_list(rows, n)
         logits = self.process(logits, rows)
         out = logits.argmax(dim=-1)
-        sample = self.do_sample[rows_t]
-        if bool(sample.any()):
-            local = sample.nonzero().flatten()
-            probs = self.warp(logits[local], rows_t[local]).softmax(dim=-1)
-            for j, (i, r) in enumerate(zip(local.tolist(), rows_t[local].tolist())):
+        local = [i for i, r in enumerate(idx) if self._samp[r]]
+        if local:
+            rows_s = [idx[i] for i in local]
+            probs = self.warp(logits[local], torch.as_tensor(rows_s, device=self.device)).softmax(dim=-1)
+            for j, (i, r) in enumerate(zip(local, rows_s)):
                 out[i] = torch.multinomial(probs[j], 1, generator=self.generators[r])[0]
         return out
 
@@ -419,7 +439,7 @@ def decode_step(model, compile: bool = False):
     length), which is why `generate_ids` rounds cache lengths up to a bucket. If compilation fails
     (no C++ compiler, an unsupported backend), a warning is printed and the eager path is used.
     """
-    def eager(tokens, cache):
+    def eager(tokens, cache, same_as_last: bool = False):
         return model(tokens, cache=cache, last_only=True)[:, -1]
 
     if not compile:
@@ -433,8 +453,14 @@ def decode_step(model, compile: bool = False):
         compiled = torch.compile(static, fullgraph=True, dynamic=False, options=options)
         state = {"fn": compiled}
 
-        def fn(tokens, cache):
+        def fn(tokens, cache, same_as_last: bool = False):
             try:
+                if same_as_last and state["fn"] is compiled:
+                    # The previous call ran the guards on this very model, cache and shapes; a
+                    # decode loop's later steps differ from it only in tensor values, so dynamo
+                    # needs to check only what tells its compiled graphs apart (~40 us a token).
+                    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                        return compiled(tokens, cache)
                 return state["fn"](tokens, cache)
             except Exception as e:  # noqa: BLE001 - compiler missing or backend unsupported: stay correct
                 if state["fn"] is eager:
@@ -499,10 +525,11 @@ def generate_ids(model, input_ids, params: SamplingParams | None = None, attenti
     cache = KVCache.empty(cfg, B, max_len, dtype=model.dtype, device=dev)
     step_fn = decode_step(model, compile)
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    done = [False] * B
     for step in range(limit):
         nxt = sampler(logits)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        if any(done):  # finished rows keep stepping (the batch stays rectangular) on padding
+            nxt = torch.where(torch.tensor(done, device=dev), torch.full_like(nxt, pad), nxt)
         sampler.observe(nxt)
         toks = nxt.tolist()
         for b in range(B):
@@ -514,9 +541,9 @@ def generate_ids(model, input_ids, params: SamplingParams | None = None, attenti
             elif matchers is not None:
                 matchers[b].feed(decoders[b].push(toks[b]))
                 done[b] = matchers[b].stopped
-        if bool(done.all()) or step == limit - 1:
+        if all(done) or step == limit - 1:
             break
-        logits = step_fn(nxt[:, None], cache)
+        logits = step_fn(nxt[:, None], cache, same_as_last=step > 0)
     return out
 
 

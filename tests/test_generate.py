@@ -167,6 +167,40 @@ def test_repetition_penalty_hand_computed():
     assert out.tolist() == [[1.0, 2.0, -8.0, 3.0]]  # seen: positive / 2, negative * 2
 
 
+def test_mixed_rows_equal_each_row_alone():
+    """A batch whose rows use different processors (penalty, min-length, neither, sampling) gives each
+    row what a one-row sampler with its parameters gives, for all rows and for a subset of rows (the
+    engine's prefill), after the same observed tokens -- the host-side flags pick the right work."""
+    g = torch.Generator().manual_seed(3)
+    V, eos = 40, 5
+    params = [SamplingParams(repetition_penalty=1.5), SamplingParams(min_new_tokens=4),
+              SamplingParams(), SamplingParams(do_sample=True, top_k=5, seed=11),
+              SamplingParams(repetition_penalty=0.8, min_length=12)]
+    prompts = [torch.randint(0, V, (6,), generator=g).tolist() for _ in params]
+    outs = torch.randint(0, V, (len(params), 3), generator=g)
+    logits = torch.randn(len(params), V, generator=g) * 2
+    logits[:, eos] = 10  # EOS would win wherever min-length does not forbid it
+    batch = Sampler(len(params), V)
+    for r, p in enumerate(params):
+        batch.set_row(r, p, prompts[r], [eos])
+    for t in range(3):
+        batch.observe(outs[:, t])
+    got = batch.process(logits)
+    got_tok = batch(logits)
+    sub = torch.tensor([4, 1])
+    got_sub = batch.process(logits[sub], sub)
+    for r, p in enumerate(params):
+        alone = Sampler(1, V)
+        alone.set_row(0, p, prompts[r], [eos])
+        for t in range(3):
+            alone.observe(outs[r, t:t + 1])
+        assert torch.equal(got[r], alone.process(logits[r:r + 1])[0]), r
+        if not p.do_sample:
+            assert int(got_tok[r]) == int(alone(logits[r:r + 1])[0]), r
+    assert torch.equal(got_sub, got[sub])
+    assert int(got_tok[2]) == eos and int(got_tok[1]) != eos  # min_new_tokens=4 after 3 tokens: EOS blocked
+
+
 # --- sampling -------------------------------------------------------------------------------------
 
 def test_seeded_sampling_reproducible(llama_pair):
