@@ -239,9 +239,7 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
-    if model.alibi_slopes is not None:  # non-persistent buffer: materialise off the meta device
-        from dhad.model import alibi_slopes
-        model.alibi_slopes = alibi_slopes(config.n_head).to(device)
+    model.reset_buffers()  # the non-persistent buffers are still on the meta device
     return model.eval()
 
 
@@ -250,7 +248,7 @@ def load_into(model: Transformer, path: str | os.PathLike) -> Transformer:
     built on the meta device and sharded with FSDP2, then `to_empty`'d: each rank keeps only its
     shard of each tensor (`dhad.model.assign_full`), so no rank ever holds the whole model.
     The checkpoint's config must give the model's shapes (a mismatch names the tensor)."""
-    from dhad.model import alibi_slopes, assign_full
+    from dhad.model import assign_full
     model_dir = resolve_model_dir(path)
     config = load_config(model_dir)
     params = dict(model.named_parameters())  # a tied lm_head is wte: listed once
@@ -259,9 +257,7 @@ def load_into(model: Transformer, path: str | os.PathLike) -> Transformer:
     for name, t in _read_tensors(model_dir, config, expected):
         if name in params:
             assign_full(params[name], t)
-    if model.alibi_slopes is not None:
-        model.alibi_slopes.copy_(alibi_slopes(config.n_head))
-    return model
+    return model.reset_buffers()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -340,11 +340,34 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if config.position == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
-        else:
-            self.alibi_slopes = None
-        self._rope_table: dict = {}  # (device, dtype) -> (cos, sin) [block_size, head_dim], built on first use
+        # Non-persistent buffers (never in checkpoints): ALiBi slopes, and RoPE's cos/sin tables
+        # [block_size, head_dim] in fp32 (as transformers computes them), looked up per position.
+        values = self._buffer_values()
+        for name in ("alibi_slopes", "rope_cos", "rope_sin"):
+            self.register_buffer(name, values.get(name), persistent=False)  # None when unused
+
+    def _buffer_values(self, device=None) -> dict[str, torch.Tensor]:
+        c = self.config
+        if c.position == "alibi":
+            return {"alibi_slopes": alibi_slopes(c.n_head).to(device)}
+        if c.position == "rope":
+            pos = torch.arange(c.block_size, device=device)[None]
+            cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling, torch.float32)
+            return {"rope_cos": cos[0], "rope_sin": sin[0]}
+        return {}
+
+    @torch.no_grad()
+    def reset_buffers(self) -> "Transformer":
+        """Recompute the non-persistent buffers in place, on their current device -- after a model
+        built on the meta device got storage (`to_empty`) or its weights were loaded with `assign`."""
+        dev = self.wte.weight.device
+        for name, t in self._buffer_values(None if dev.type == "meta" else dev).items():
+            buf = getattr(self, name)
+            if buf.is_meta:
+                setattr(self, name, t)
+            else:
+                buf.copy_(t)
+        return self
 
     # -- initialisation ----------------------------------------------------------------------
     @torch.no_grad()
@@ -367,9 +390,7 @@ class Transformer(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
                 s = s / math.sqrt(2 * c.n_layer)
             assign_full(p, torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(s))
-        if self.alibi_slopes is not None:
-            self.alibi_slopes.copy_(alibi_slopes(c.n_head))
-        return self
+        return self.reset_buffers()
 
     # -- helpers -----------------------------------------------------------------------------
     @property
@@ -405,16 +426,10 @@ class Transformer(nn.Module):
         return s
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        """cos/sin for the given positions, looked up in a [block_size, head_dim] table computed once
-        per device/dtype (same fp32 arithmetic as computing them per step; no host sync per call,
-        so torch.compile sees one graph). Positions past the context are an indexing error."""
-        key = (position_ids.device, dtype)
-        table = self._rope_table.get(key)
-        if table is None:
-            pos = torch.arange(self.config.block_size, device=position_ids.device)[None]
-            cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, dtype)
-            table = self._rope_table[key] = (cos[0], sin[0])
-        return table[0][position_ids], table[1][position_ids]
+        """cos/sin [B, T, head_dim] for the given positions, looked up in the model's tables (the same
+        fp32 values as computing them per step, then cast; no host sync, and nothing for
+        torch.compile to guard on). Positions past the context are an indexing error."""
+        return self.rope_cos[position_ids].to(dtype), self.rope_sin[position_ids].to(dtype)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -152,7 +152,6 @@ def materialize(model: Transformer, recipe: Recipe, device) -> None:
     the same values a whole-model build would have (same seeded init, or the init_from checkpoint),
     each rank writing only its shards."""
     model.to_empty(device=device)
-    model._rope_table.clear()
     if recipe.model.preset:
         model.init_weights(recipe.seed)
     else:
@@ -527,9 +526,6 @@ def save_final_model(model, out: Path, tok_path: Path | None, env: D.DistEnv) ->
         if tok_path is not None:
             from dhad.tokenizer import load_tokenizer
             tok = load_tokenizer(tok_path)
-        if fresh.alibi_slopes is not None:
-            from dhad.model import alibi_slopes
-            fresh.alibi_slopes = alibi_slopes(cfg.n_head)
         save_model(fresh, out, tokenizer=tok)
     D.barrier(env)
     return out
