@@ -104,6 +104,24 @@ class KVCache:
             n_real=torch.zeros(batch_size, dtype=torch.long, device=device),
         )
 
+    @classmethod
+    def from_prefix(cls, prefix: "KVCache", batch_size: int, max_len: int) -> "KVCache":
+        """``batch_size`` rows of ``max_len`` slots, each starting with row 0 of ``prefix`` (a shared
+        prompt or few-shot block computed once)."""
+        n = int(prefix.lengths[0])
+        if n > max_len:
+            raise ValueError(f"prefix of {n} slots does not fit a cache of {max_len}")
+        _, H, _, D = prefix.k[0].shape
+        z = dict(dtype=prefix.k[0].dtype, device=prefix.k[0].device)
+        k = [torch.empty(batch_size, H, max_len, D, **z) for _ in prefix.k]
+        v = [torch.empty(batch_size, H, max_len, D, **z) for _ in prefix.v]
+        for dst, src in zip(k + v, prefix.k + prefix.v):
+            dst[:, :, :n] = src[:1, :, :n]
+        valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=prefix.valid.device)
+        valid[:, :n] = prefix.valid[:1, :n]
+        return cls(k=k, v=v, lengths=prefix.lengths[:1].repeat(batch_size), valid=valid,
+                   n_real=prefix.n_real[:1].repeat(batch_size))
+
     @property
     def max_len(self) -> int:
         return self.valid.shape[1]
@@ -198,15 +216,32 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, config.n_embd + 2 * kv, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x, rope, attn_mask, is_causal, layer_cache):
+    def forward(self, x, rope, attn_mask, is_causal, layer_cache, out=None):
+        """out [B, n] (optional): queries only at these positions of x -- every token's keys and
+        values are still computed and attended to -- and the output is [B, n, E]."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-                                     self.n_kv_head * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        nq, nkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        if out is None:
+            q, k, v = self.qkv(x).split([nq, nkv, nkv], dim=-1)
+            rope_q = rope
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            k, v = F.linear(x, w[nq:], b[nq:] if b is not None else None).split([nkv, nkv], dim=-1)
+            q = F.linear(take(x, out), w[:nq], b[:nq] if b is not None else None)
+            rope_q = tuple(take(t, out) for t in rope) if rope is not None else None
+            if attn_mask is None and is_causal:  # causal over these tokens, for the kept queries
+                keys = torch.arange(T, device=x.device)
+                attn_mask = torch.zeros(B, 1, out.shape[1], T, dtype=x.dtype, device=x.device).masked_fill_(
+                    (keys[None, None, :] > out[:, :, None])[:, None], torch.finfo(x.dtype).min)
+            elif attn_mask is not None:
+                attn_mask = attn_mask.expand(B, -1, -1, -1).gather(
+                    2, out[:, None, :, None].expand(B, attn_mask.shape[1], out.shape[1], attn_mask.shape[-1]))
+        Tq = q.shape[1]
+        q = q.view(B, Tq, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope_q), apply_rope(k, *rope)
         if layer_cache is not None:
             k_all, v_all, bidx, slots, S, s0 = layer_cache
             if s0 is not None:  # every row writes at the same slot: a plain slice copy
@@ -216,10 +251,12 @@ class Attention(nn.Module):
                 k_all[bidx, :, slots] = k.transpose(1, 2).to(k_all.dtype)
                 v_all[bidx, :, slots] = v.transpose(1, 2).to(v_all.dtype)
             k, v = k_all[:, :, :S], v_all[:, :, :S]
+        if Tq == 0:
+            return x.new_zeros(B, 0, self.proj.out_features)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
             scale=self.config.attn_scale, enable_gqa=self.n_kv_head != self.n_head)
-        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.proj(y.transpose(1, 2).reshape(B, Tq, -1))
 
 
 class MLP(nn.Module):
@@ -248,9 +285,16 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, attn_mask, is_causal, layer_cache=None):
-        x = x + self.attn(self.ln_1(x), rope, attn_mask, is_causal, layer_cache)
+    def forward(self, x, rope, attn_mask, is_causal, layer_cache=None, out=None):
+        """out [B, n]: compute the block's output only at these positions (see Attention)."""
+        h = self.attn(self.ln_1(x), rope, attn_mask, is_causal, layer_cache, out)
+        x = (x if out is None else take(x, out)) + h
         return x + self.mlp(self.ln_2(x))
+
+
+def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] at positions idx [B, n] of each row -> [B, n, ...]."""
+    return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,11 +463,25 @@ class Transformer(nn.Module):
         if sc:
             if sc.get("factor") is not None:
                 s = s / float(sc["factor"])
-            elif sc.get("train_seq_len") is not None:
+            elif sc.get("train_seq_len") is not None and key_len is not None:
                 n = float(sc["train_seq_len"])
                 f = torch.clamp(key_len.float() / n, min=1.0)  # only when the key length exceeds n
                 s = s / f[:, None]
         return s
+
+    def alibi_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, key_len: torch.Tensor | None) -> torch.Tensor:
+        """ALiBi's additive bias -slope_h * |q - k| [B, H, T, S] for query / key positions [B, T] /
+        [B, S]; key_len ([B] per row, or [B, T] per query) drives the train_seq_len scaling."""
+        dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs().float()  # [B, T, S]
+        if key_len is not None and key_len.dim() == 2:  # per query
+            slopes = self._slopes(key_len.flatten())  # [B * T | 1, H]
+            if slopes.shape[0] == key_len.numel():
+                slopes = slopes.view(*key_len.shape, -1).transpose(1, 2)[..., None]  # [B, H, T, 1]
+            else:
+                slopes = slopes[:, :, None, None]
+        else:
+            slopes = self._slopes(key_len)[:, :, None, None]  # [B|1, H, 1, 1]
+        return -(slopes * dist[:, None])
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """cos/sin [B, T, head_dim] for the given positions, looked up in the model's tables (the same
@@ -452,6 +510,33 @@ class Transformer(nn.Module):
         targets [B, T] (next-token ids, -100 = ignored; no shift inside): instead of logits, return the
         summed cross-entropy (fp32 scalar) through `linear_cross_entropy`, which never holds the
         [B, T, vocab] logits. The loss sits inside forward so DDP / FSDP / torch.compile see one call.
+        """
+        x = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache, static)
+        c = self.config
+        if targets is not None:
+            return linear_cross_entropy(x, self.lm_head.weight, targets, c.logits_scale)
+        if last_only:
+            logits_to_keep = 1
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        if c.logits_scale != 1.0:
+            logits = logits * c.logits_scale
+        return logits
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                      cache: KVCache | None = None, static: bool = False, attn_bias: torch.Tensor | None = None,
+                      output_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm hidden states [B, T, E] that `forward` feeds the LM head (same arguments).
+
+        attn_bias [B, 1 | H, T, S] (float, additive; S = the cache slots attended, else T): an explicit
+        attention pattern -- with ALiBi, its distance bias included (`alibi_bias`) -- used instead
+        of the causal / padding / segment mask, e.g. a tree of sequences sharing a prefix, each
+        token at its own position_ids (`dhad.evaluate.scoring`).
+        output_positions [B, n]: only these positions' states are wanted, so the last block runs
+        its queries, attention output and MLP at them alone (its keys/values still cover every
+        token): returns [B, n, E].
         """
         c = self.config
         B, T = input_ids.shape
@@ -505,7 +590,9 @@ class Transformer(nn.Module):
         need_mask = c.position == "alibi" or segment_ids is not None or (
             cache is not None and not uniform) or (cache is None and key_valid is not None)
         attn_mask = None
-        if need_mask:
+        if attn_bias is not None:
+            attn_mask = attn_bias.to(self.dtype)
+        elif need_mask:
             allowed = k_slots[:, None, :] <= q_slots[:, :, None]  # [B, T, S]
             if key_valid is not None:
                 allowed = allowed & key_valid[:, None, :]
@@ -515,10 +602,7 @@ class Transformer(nn.Module):
             attn_mask = torch.zeros(allowed.shape, dtype=torch.float32, device=dev).masked_fill_(~allowed, neg)
             attn_mask = attn_mask[:, None]  # [B, 1, T, S]
             if c.position == "alibi":
-                dist = (q_slots[:, :, None] - k_slots[:, None, :]).abs().float()  # [B, T, S]
-                key_len = (q_slots[:, -1] + 1)
-                slopes = self._slopes(key_len)  # [B|1, H]
-                attn_mask = attn_mask - slopes[:, :, None, None] * dist[:, None]
+                attn_mask = attn_mask + self.alibi_bias(q_slots, k_slots, q_slots[:, -1] + 1)
             attn_mask = attn_mask.to(self.dtype)
 
         x = self.wte(input_ids)
@@ -530,17 +614,8 @@ class Transformer(nn.Module):
         rope_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
         rope = self._rope(position_ids, rope_dtype) if c.position == "rope" else None
 
+        last = len(self.h) - 1
         for i, block in enumerate(self.h):
             lc = (cache.k[i], cache.v[i], bidx, slots, S, s0) if cache is not None else None
-            x = block(x, rope, attn_mask, cache is None, lc)
-        x = self.ln_f(x)
-        if targets is not None:
-            return linear_cross_entropy(x, self.lm_head.weight, targets, c.logits_scale)
-        if last_only:
-            logits_to_keep = 1
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
-        if c.logits_scale != 1.0:
-            logits = logits * c.logits_scale
-        return logits
+            x = block(x, rope, attn_mask, cache is None, lc, output_positions if i == last else None)
+        return self.ln_f(x)

@@ -78,9 +78,8 @@ def test_shared_prefix_engine_equals_one_forward_per_request(name, monkeypatch):
     L = 200  # shorter than the long group: exercises the harness's left truncation
     scorer = Scorer(model, tok, max_length=L, batch_tokens=1200, max_rows=5)
     blocks = []  # token lengths of the shared-block passes
-    real = scoring._forward
-    monkeypatch.setattr(scoring, "_forward", lambda m, ids, *a, **k: (k.get("keep_kv") and blocks.append(ids.shape[1]))
-                        or real(m, ids, *a, **k))
+    real = scoring._block_cache
+    monkeypatch.setattr(scoring, "_block_cache", lambda m, block: blocks.append(len(block)) or real(m, block))
     packed = []  # trees per row of every batch
     real_run = Scorer._run
     monkeypatch.setattr(Scorer, "_run", lambda self, rows, kv: packed.extend(len(r) for r in rows) or real_run(self, rows, kv))

@@ -155,6 +155,39 @@ def test_segments_equal_separate_sequences():
             assert (got[:, 7:] - model(y)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("name", ["tiny-jais", "tiny-llama"])
+def test_hidden_states_explicit_bias_output_positions_and_prefix_cache(name):
+    """The scoring engine's model API, against plain forwards: an explicit attention bias equal to
+    the causal mask (plus ALiBi by position) changes nothing; output_positions returns exactly those
+    rows of the full pass; a KVCache.from_prefix block seen by every row equals running prefix +
+    row as one sequence; and a [1, 0] output runs the block pass with no queries at all."""
+    model = Transformer(Config.from_name(name)).init_weights(seed=2).eval()
+    g = torch.Generator().manual_seed(0)
+    R, S0, T = 3, 5, 6
+    prefix = torch.randint(0, 512, (1, S0), generator=g)
+    rows = torch.randint(0, 512, (R, T), generator=g)
+    out = torch.tensor([[0, 5, 2], [1, 1, 4], [5, 3, 0]])
+    with torch.no_grad():
+        full = model.hidden_states(torch.cat([prefix.expand(R, S0), rows], 1))[:, S0:]  # reference
+        block = KVCache.empty(model.config, 1, S0)
+        assert model.hidden_states(prefix, cache=block, output_positions=torch.empty(1, 0, dtype=torch.long)).shape == (1, 0, model.config.n_embd)
+        pos = torch.arange(S0, S0 + T).expand(R, T)
+        allowed = torch.cat([torch.ones(R, T, S0, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril().expand(R, T, T)], -1)
+        bias = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
+        if model.config.position == "alibi":
+            bias = bias + model.alibi_bias(pos, torch.arange(S0 + T).expand(R, S0 + T), None)
+        cache = KVCache.from_prefix(block, R, S0 + T)
+        got = model.hidden_states(rows, position_ids=pos, cache=cache, attn_bias=bias, output_positions=out)
+        want = full.gather(1, out[..., None].expand(R, 3, full.shape[-1]))
+        assert (got - want).abs().max() < 1e-5
+        assert cache.lengths.tolist() == [S0 + T] * R
+        # no cache, causal by default: output_positions only selects
+        plain = model.hidden_states(rows)
+        sel = model.hidden_states(rows, output_positions=out)
+        assert (sel - plain.gather(1, out[..., None].expand(R, 3, plain.shape[-1]))).abs().max() < 1e-5
+        assert (model(rows) - model.lm_head(plain) * model.config.logits_scale).abs().max() < 1e-5
+
+
 def test_alibi_slopes_match_bloom():
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
     for n in (4, 5, 6, 8, 12, 40, 56):

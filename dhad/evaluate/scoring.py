@@ -25,9 +25,9 @@ log-softmax at every position. What dhad does instead, with the same numbers:
 - **shared blocks**: questions that start with the same long token run (a `first_n` few-shot
   block, an MMLU description) are batched together; the run is computed once into per-layer keys
   and values that every row of the batch attends to.
-`Transformer.forward` builds causal / padding / segment masks only and always runs every layer at
-every position, so `_forward` below drives the model's own modules (embedding, blocks, final norm,
-head) with the tree mask.
+The model side is `Transformer.hidden_states` with an explicit attention bias (the tree mask, plus
+ALiBi distances by position), ``output_positions`` (the last block at the scored slots only) and
+a `KVCache.from_prefix` holding the shared block; the LM-head reductions are here.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dhad.model import apply_rope, rope_cos_sin
+from dhad.model import KVCache
 
 MIN_SHARED = 32          # tokens a batch of questions must share before it is worth a block pass
 MASK_ELEMS = 1 << 24     # attention-mask entries per batch (rows x [heads] x width x keys): 64 MiB in fp32
@@ -155,9 +155,7 @@ class Scorer:
         for block, trees in self._plan(prepared):
             kv = None
             if block:
-                dev = self.model.device
-                kv = _forward(self.model, torch.tensor([block], device=dev), torch.arange(len(block), device=dev)[None],
-                              None, keep_kv=True)
+                kv = _block_cache(self.model, block)
             for rows in self._pack(trees, len(block)):
                 for t, res in zip((t for row in rows for t in row), self._run(rows, kv)):
                     results[t.index] = res
@@ -268,7 +266,7 @@ class Scorer:
         dev = self.model.device
         n_max = max(len(x) for x in out_slots)
         out_t = torch.tensor([x + [0] * (n_max - len(x)) for x in out_slots], device=dev)
-        hidden = _forward(self.model, ids_t.to(dev), pos_t.to(dev), allowed.to(dev), out=out_t, block_kv=kv,
+        hidden = _forward(self.model, ids_t.to(dev), pos_t.to(dev), allowed.to(dev), out_t, block=kv,
                           key_len=torch.tensor(klen).view(R, T).to(dev) if klen is not None else None)
         hidden = hidden.reshape(R * n_max, -1)
         if n_out < R * n_max:  # drop the padding of the per-row slot lists
@@ -287,98 +285,36 @@ class Scorer:
         return out
 
 
-def _forward(model, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor | None, out=None,
-             block_kv=None, keep_kv: bool = False, key_len: torch.Tensor | None = None):
-    """Transformer.forward with an explicit attention pattern, computing only what is scored.
+def _block_cache(model, block: list[int]) -> KVCache:
+    """Keys/values of a shared block (positions 0..S0-1), computed once for a batch of questions;
+    no position of it is scored, so its last layer computes keys and values only."""
+    dev = model.device
+    cache = KVCache.empty(model.config, 1, len(block), dtype=model.dtype, device=dev)
+    model.hidden_states(torch.tensor([block], device=dev), cache=cache,
+                        output_positions=torch.empty(1, 0, dtype=torch.long, device=dev))
+    return cache
 
-    ids, pos [R, T]; allowed [R, T, T] (query, key) among these tokens, None = causal. block_kv:
-    per-layer (k, v) [1, n_kv_head, S0, head_dim] of a shared block at positions 0..S0-1 that every
-    token sees. Returns the final-norm hidden states [R, n, d] at the slots `out` [R, n] (the LM
-    head runs in `_token_logprobs`), or with keep_kv the per-layer (k, v) of these tokens (a block).
 
-    The last block runs in full only at `out`: every token's keys and values are computed (they
-    are attended to), but the queries, attention, output projection and MLP of the other positions
-    would feed nothing that is scored. The blocks are the model's own modules; the last layer's
-    keys/values come from the `k | v` rows of its fused `attn.qkv` projection, as Attention does.
-    """
+def _forward(model, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor, out: torch.Tensor,
+             block: KVCache | None = None, key_len: torch.Tensor | None = None) -> torch.Tensor:
+    """Final-norm hidden states [R, n, d] at the slots ``out`` [R, n] of rows ``ids`` [R, T] whose
+    tokens sit at positions ``pos`` and see the tokens ``allowed`` [R, T, T] (query, key) says --
+    and, first, every token of the shared ``block`` cache. The tree pattern goes to the model as an
+    explicit attention bias (ALiBi distances by position, not slot); `Transformer.hidden_states`
+    runs the last block only at ``out``."""
     c = model.config
     R, T = ids.shape
     dev = ids.device
-    S0 = block_kv[0][0].shape[2] if block_kv is not None else 0
-    x = model.wte(ids)
-    if model.wpe is not None:
-        x = x + model.wpe(pos)
-    if c.embedding_scale != 1.0:
-        x = x * c.embedding_scale
-    rope = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling, x.dtype) if c.position == "rope" else None
-
-    mask = None
-    neg = torch.finfo(model.dtype).min
-    if allowed is None and (c.position == "alibi" or not keep_kv):
-        allowed = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None].expand(R, T, T)
-    if allowed is not None:
-        if S0:
-            allowed = torch.cat([allowed.new_ones(R, T, S0), allowed], dim=-1)
-        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=dev).masked_fill_(~allowed, neg)
-        mask = mask[:, None]  # [R, 1, T, S0 + T]
-        if c.position == "alibi":
-            kpos = torch.cat([torch.arange(S0, device=dev)[None].expand(R, S0), pos], dim=-1)
-            dist = (pos[:, :, None] - kpos[:, None, :]).abs().float()  # [R, T, S]
-            slopes = model.alibi_slopes.float()[None, :, None, None]  # [1, H, 1, 1]
-            sc = c.alibi_scaling or {}
-            if sc.get("factor") is not None:
-                slopes = slopes / float(sc["factor"])
-            elif sc.get("train_seq_len") is not None and key_len is not None:  # per query: its own length
-                f = torch.clamp(key_len.float() / float(sc["train_seq_len"]), min=1.0)
-                slopes = slopes / f[:, None, :, None]
-            mask = mask - slopes * dist[:, None]
-        mask = mask.to(model.dtype)
-
-    n_out = 0 if keep_kv else out.shape[1]
-    S = S0 + T + n_out  # cache slots: the block, these tokens, and (last layer) the re-run `out` tokens
-    caches, kept = [None] * len(model.h), []
-    if block_kv is not None or keep_kv:
-        caches = []
-        for i in range(len(model.h) if keep_kv else len(model.h) - 1):
-            k_all, v_all = _kv_buffers(model, R, S, block_kv[i] if block_kv is not None else None)
-            kept.append((k_all, v_all))
-            caches.append((k_all, v_all, None, None, S0 + T, S0))  # the layer-cache form Attention takes
-    body = model.h if keep_kv else model.h[:-1]
-    for block, lc in zip(body, caches):
-        x = block(x, rope, mask, mask is None, lc)
-    if keep_kv:
-        return kept
-
-    last, d = model.h[-1], x.shape[-1]
-    a = last.attn
-    nq, nkv = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
-    kv = F.linear(last.ln_1(x), a.qkv.weight[nq:], a.qkv.bias[nq:] if a.qkv.bias is not None else None)
-    k = kv[..., :nkv].view(R, T, a.n_kv_head, a.head_dim).transpose(1, 2)
-    v = kv[..., nkv:].view(R, T, a.n_kv_head, a.head_dim).transpose(1, 2)
-    if rope is not None:
-        k = apply_rope(k, *rope)
-    k_all, v_all = _kv_buffers(model, R, S, block_kv[-1] if block_kv is not None else None)
-    k_all[:, :, S0:S0 + T], v_all[:, :, S0:S0 + T] = k, v
-    xs = x.gather(1, out[..., None].expand(R, n_out, d))
-    rope_s = tuple(t.gather(1, out[..., None].expand(R, n_out, t.shape[-1])) for t in rope) if rope is not None else None
-    # the re-run tokens see what they saw in the full pass; their own second copies (the last
-    # n_out cache slots, written by Attention) are masked out
-    ms = mask.gather(2, out[:, None, :, None].expand(R, mask.shape[1], n_out, mask.shape[-1]))
-    ms = torch.cat([ms, ms.new_full((R, ms.shape[1], n_out, n_out), neg)], dim=-1)
-    xs = last(xs, rope_s, ms, False, (k_all, v_all, None, None, S, S0 + T))
-    return model.ln_f(xs)
-
-
-def _kv_buffers(model, R: int, S: int, block=None):
-    """Per-layer key/value buffers [R, n_kv_head, S, head_dim], starting with a shared block's."""
-    c = model.config
-    shape = (R, c.n_kv_head, S, c.head_dim)
-    k_all = torch.empty(shape, dtype=model.dtype, device=model.device)
-    v_all = torch.empty(shape, dtype=model.dtype, device=model.device)
-    if block is not None:
-        S0 = block[0].shape[2]
-        k_all[:, :, :S0], v_all[:, :, :S0] = block
-    return k_all, v_all
+    S0 = int(block.lengths[0]) if block is not None else 0
+    if S0:
+        allowed = torch.cat([allowed.new_ones(R, T, S0), allowed], dim=-1)
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=dev).masked_fill_(
+        ~allowed, torch.finfo(model.dtype).min)[:, None]  # [R, 1, T, S0 + T]
+    if c.position == "alibi":
+        kpos = torch.cat([torch.arange(S0, device=dev)[None].expand(R, S0), pos], dim=-1)
+        bias = bias + model.alibi_bias(pos, kpos, key_len)
+    cache = KVCache.from_prefix(block, R, S0 + T) if block is not None else None
+    return model.hidden_states(ids, position_ids=pos, cache=cache, attn_bias=bias, output_positions=out)
 
 
 def _token_logprobs(model, hidden: torch.Tensor, entry: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
