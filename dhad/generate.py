@@ -439,7 +439,7 @@ def decode_step(model, compile: bool = False):
     length), which is why `generate_ids` rounds cache lengths up to a bucket. If compilation fails
     (no C++ compiler, an unsupported backend), a warning is printed and the eager path is used.
     """
-    def eager(tokens, cache, same_as_last: bool = False):
+    def eager(tokens, cache):
         return model(tokens, cache=cache, last_only=True)[:, -1]
 
     if not compile:
@@ -453,14 +453,8 @@ def decode_step(model, compile: bool = False):
         compiled = torch.compile(static, fullgraph=True, dynamic=False, options=options)
         state = {"fn": compiled}
 
-        def fn(tokens, cache, same_as_last: bool = False):
+        def fn(tokens, cache):
             try:
-                if same_as_last and state["fn"] is compiled:
-                    # The previous call ran the guards on this very model, cache and shapes; a
-                    # decode loop's later steps differ from it only in tensor values, so dynamo
-                    # needs to check only what tells its compiled graphs apart (~40 us a token).
-                    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                        return compiled(tokens, cache)
                 return state["fn"](tokens, cache)
             except Exception as e:  # noqa: BLE001 - compiler missing or backend unsupported: stay correct
                 if state["fn"] is eager:
@@ -543,7 +537,7 @@ def generate_ids(model, input_ids, params: SamplingParams | None = None, attenti
                 done[b] = matchers[b].stopped
         if all(done) or step == limit - 1:
             break
-        logits = step_fn(nxt[:, None], cache, same_as_last=step > 0)
+        logits = step_fn(nxt[:, None], cache)
     return out
 
 
