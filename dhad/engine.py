@@ -218,9 +218,31 @@ class _Seq:
     n_gen: int = 0
 
 
-class RequestChecks:
-    """Request validation shared by the native and the vLLM engine. Needs the attributes
-    ``default_params``, ``tokenizer``, ``vocab_size``, ``max_seq_len`` and ``max_new_tokens_limit``."""
+class EngineFrontend:
+    """What the native and the vLLM engine share: request validation and the calls built on their
+    ``start`` / ``submit`` / ``shutdown`` / ``_thread``. Needs the attributes ``default_params``,
+    ``tokenizer``, ``vocab_size``, ``max_seq_len`` and ``max_new_tokens_limit``."""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown(wait=False)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def stream(self, prompt_ids, params: SamplingParams | None = None, **kwargs):
+        """Submit and yield StreamEvents; closing the iterator early cancels the request."""
+        h = self.submit(prompt_ids, params, **kwargs)
+        async for ev in h:
+            yield ev
+
+    def generate(self, prompt_ids, params: SamplingParams | None = None, timeout: float | None = None,
+                 **kwargs) -> Completion:
+        """Blocking convenience: submit and wait for the result."""
+        return self.submit(prompt_ids, params, **kwargs).result(timeout)
 
     def _prepare(self, prompt_ids, params: SamplingParams | None, kwargs: dict) -> tuple[list[int], SamplingParams]:
         """Token ids and parameters of a request, or RequestError naming what is wrong with it."""
@@ -262,7 +284,7 @@ class RequestChecks:
         return max(limit, 0)
 
 
-class Engine(RequestChecks):
+class Engine(EngineFrontend):
     """Continuous-batching generation over one model (see the module docstring)."""
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
@@ -314,12 +336,6 @@ class Engine(RequestChecks):
             self._thread.start()
         return self
 
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.shutdown(wait=False)
-
     def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None,
                **kwargs) -> RequestHandle:
         """Queue a request (thread-safe). ``prompt_ids``: token ids (a str is encoded with the tokenizer)."""
@@ -341,17 +357,6 @@ class Engine(RequestChecks):
             self._cv.notify()
         return h
 
-    async def stream(self, prompt_ids, params: SamplingParams | None = None, **kwargs):
-        """Submit and yield StreamEvents; closing the iterator early cancels the request."""
-        h = self.submit(prompt_ids, params, **kwargs)
-        async for ev in h:
-            yield ev
-
-    def generate(self, prompt_ids, params: SamplingParams | None = None, timeout: float | None = None,
-                 **kwargs) -> Completion:
-        """Blocking convenience: submit and wait for the result."""
-        return self.submit(prompt_ids, params, **kwargs).result(timeout)
-
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; with ``wait`` finish queued and running ones, else cancel them."""
         with self._cv:
@@ -362,10 +367,6 @@ class Engine(RequestChecks):
             t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict:
         with self._cv:

@@ -22,7 +22,7 @@ import json
 import threading
 from pathlib import Path
 
-from dhad.engine import (Completion, EngineClosed, EngineError, QueueFull, RequestChecks,
+from dhad.engine import (EngineClosed, EngineError, EngineFrontend, QueueFull,
                          RequestHandle, StreamEvent)
 from dhad.generate import SamplingParams, StopMatcher, StreamDecoder
 
@@ -72,7 +72,7 @@ def to_vllm_params(p: SamplingParams, n_prompt: int, limit: int, vllm_module):
     return vllm_module.SamplingParams(**kw)
 
 
-class VLLMEngine(RequestChecks):
+class VLLMEngine(EngineFrontend):
     """Same interface as `dhad.engine.Engine`, backed by vLLM (GPU)."""
 
     def __init__(self, model_dir, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
@@ -125,16 +125,6 @@ class VLLMEngine(RequestChecks):
                 self._thread.start()
         return self
 
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.shutdown(wait=False)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None,
                **kwargs) -> RequestHandle:
         prompt_ids, params = self._prepare(prompt_ids, params, kwargs)
@@ -149,14 +139,6 @@ class VLLMEngine(RequestChecks):
             self._counters["submitted"] += 1
             self._cv.notify()
         return h
-
-    async def stream(self, prompt_ids, params: SamplingParams | None = None, **kwargs):
-        h = self.submit(prompt_ids, params, **kwargs)
-        async for ev in h:
-            yield ev
-
-    def generate(self, prompt_ids, params=None, timeout=None, **kwargs) -> Completion:
-        return self.submit(prompt_ids, params, **kwargs).result(timeout)
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
         with self._cv:
