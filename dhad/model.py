@@ -493,9 +493,11 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False, logits_to_keep: int = 0,
-                static: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
+                static: bool = False, targets: torch.Tensor | None = None, attn_bias: torch.Tensor | None = None,
+                output_positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or [B, k, vocab] for the last k positions with
         logits_to_keep=k, as transformers names it; last_only is logits_to_keep=1).
+        attn_bias, output_positions: see `hidden_states` (logits [B, n, vocab] at those positions).
 
         attention_mask [B, T] marks the new tokens that are real (1) or padding (0).
         position_ids default: real-token counts (so left padding does not shift positions);
@@ -511,7 +513,8 @@ class Transformer(nn.Module):
         summed cross-entropy (fp32 scalar) through `linear_cross_entropy`, which never holds the
         [B, T, vocab] logits. The loss sits inside forward so DDP / FSDP / torch.compile see one call.
         """
-        x = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache, static)
+        x = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache, static, attn_bias,
+                               output_positions)
         c = self.config
         if targets is not None:
             return linear_cross_entropy(x, self.lm_head.weight, targets, c.logits_scale)

@@ -103,7 +103,10 @@ def test_fsdp_frozen_reference_two_processes_then_resume_on_one(setup):
     _close(_losses(recs), ref.losses[:2])
     _same_metrics(recs, want, {0, 1, 2})  # grad_norm too: FSDP2 leaves the root unsharded after evaluation
     report = json.loads((root / "fsdp" / "dpo_report.json").read_text())
-    assert report["layout"] == "concatenated" and report["reference"]["mode"] == "frozen"
+    # one plain forward per batch (the token tree), so FSDP2 runs the shared-prompt layout too
+    assert report["layout"] == "tree" and report["reference"]["mode"] == "frozen"
+    assert [r["tokens_processed"] for r in recs if r["event"] == "step"] == \
+           [r["tokens_processed"] for r in want if r["event"] == "step" and r["step"] <= 2]
     ck = root / "fsdp" / "checkpoints" / "step_00000002" / "train_state"
     assert len(list(ck.glob("*.distcp"))) == 2
     # the sharded checkpoint continues on one process: same stream, same losses, same optimizer state

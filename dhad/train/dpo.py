@@ -8,12 +8,13 @@ uses: `DPOObjective` is the loss + batch source it calls.
 Design choices
 - **One forward for both answers.** Chosen and rejected go through the policy together, never as two
   calls. Two layouts, same numbers (tests check both against TRL):
-  * ``share_prompt=True`` (default): the prompt runs *once* per pair into a KV cache (left-padded so the
-    answers follow it without a gap), the cache is duplicated along the batch (``torch.cat``, so the
-    gradient of both answers flows back into the one prompt pass), then both answers run as one
-    ``[2B, T_answer]`` batch on top of it. Prompts are usually much longer than answers (QA context,
-    multi-turn history), so this nearly halves the tokens processed per step. Only the answer positions
-    ever reach the LM head (``last_only`` for the prompt), like TRL's fused head.
+  * ``share_prompt=True`` (default): one row per pair, ``prompt + chosen + rejected``, as a token tree
+    (the eval engine's layout): both answers sit at the positions that follow the prompt and see the
+    prompt and themselves only, through an explicit attention bias (`Transformer.hidden_states`). The
+    prompt is computed once and both answers' gradients flow into it. Prompts are usually much longer
+    than answers (QA context, multi-turn history), so this nearly halves the tokens processed per step.
+    The last layer and the LM head run only at the positions that predict answer tokens. It is one
+    plain forward, so DDP and FSDP2 wrap it like any other (no KV cache in training).
   * ``share_prompt=False``: TRL's layout, ``[prompt+chosen ; prompt+rejected]`` right-padded, ``[2B, T]``.
 - **Reference log-probabilities** ``log π_ref(y|x)`` (summed over answer tokens), either
   * ``precomputed``: one no-grad pass of the initial model over all pairs before step 1, cached beside the
@@ -38,8 +39,8 @@ Design choices
   the policy drifts; DPO lowers both answers' likelihoods, so the plain mean log-ratio (negative) is no KL.
 - **Many processes** (torchrun; DDP or FSDP2): the reference pass is dealt round-robin to the ranks and
   all-gathered (rank 0 writes the cache); metrics are all-reduced; evaluation padding batches (which keep
-  FSDP's collective forwards in step) are not counted. Under FSDP2 the frozen reference is sharded too and
-  the policy runs the concatenated layout (why: setup()). N processes reproduce 1 process (tested).
+  FSDP's collective forwards in step) are not counted. Under FSDP2 the frozen reference is sharded too.
+  N processes reproduce 1 process (tested).
 - **Throughput**: ``tokens_processed`` in each step record counts the real tokens the policy ran (prompt once
   + chosen + rejected, no padding); the loop's ``tokens_per_s`` and ``mfu`` use it.
 - **Malformed pairs** (empty prompt/answer, identical answers, ids outside the vocabulary, longer than the
@@ -81,7 +82,7 @@ class DPOConfig:
     loss: str = "sigmoid"             # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0      # conservative DPO ε; 0 = the paper's loss
     reference: str = "auto"           # auto | precomputed | frozen  (auto: precomputed on CPU, frozen on GPU)
-    share_prompt: bool = True         # prompt once per pair (KV cache) vs TRL's [prompt+chosen; prompt+rejected]
+    share_prompt: bool = True         # prompt once per pair (token tree) vs TRL's [prompt+chosen; prompt+rejected]
     max_length: int | None = None     # drop pairs longer than this (default: the model's block_size)
     ref_batch_size: int = 16          # pairs per forward when precomputing reference log-probs
     eval_pairs: int | None = 256      # held-out pairs for preference accuracy (None = all)
@@ -247,32 +248,41 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 # Batches
 
 def collate(pairs: Sequence[Pair], share_prompt: bool = True, pad_id: int = 0, device="cpu") -> dict:
-    """Tensors for one forward over B pairs. Rows 0..B-1 are the chosen answers, B..2B-1 the rejected.
+    """Tensors for one forward over B pairs. Log-prob rows 0..B-1 are the chosen answers, B..2B-1 the rejected.
 
-    share_prompt=True: prompt_ids/prompt_mask [B, Tp] left-padded; answer_ids/answer_mask [2B, Ta] right-padded.
+    share_prompt=True: one row per pair, ``prompt + chosen + rejected`` right-padded to [B, T] (tree_ids),
+    with each token's position (tree_pos: both answers start where the prompt ends) and branch
+    (tree_branch: 0 prompt, 1 chosen, 2 rejected, -1 padding); tree_out [B, n] the slots whose logits
+    predict answer tokens (the prompt's last, then every answer token but each answer's last), and per
+    answer token its (lp_row, lp_col) in those logits, lp_target and lp_owner (the log-prob row).
     share_prompt=False: input_ids/attention_mask [2B, T] right-padded, target_mask [2B, T-1] marks positions
     whose next token is an answer token (TRL's completion_mask shifted by one).
     """
     B = len(pairs)
-    answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     out: dict[str, Any] = {"index": torch.tensor([p.index for p in pairs], dtype=torch.long),
                            "n_chosen": torch.tensor([len(p.chosen) for p in pairs], dtype=torch.long),
                            "n_rejected": torch.tensor([len(p.rejected) for p in pairs], dtype=torch.long)}
     if share_prompt:
-        Tp = max(len(p.prompt) for p in pairs)
-        Ta = max(len(a) for a in answers)
-        pid = torch.full((B, Tp), pad_id, dtype=torch.long)
-        pm = torch.zeros((B, Tp), dtype=torch.long)
+        T = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+        n_out = max(len(p.chosen) + len(p.rejected) - 1 for p in pairs)
+        ids, pos = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros((B, T), dtype=torch.long)
+        branch, slots = torch.full((B, T), -1, dtype=torch.long), torch.zeros((B, n_out), dtype=torch.long)
+        row, col, target, owner = [], [], [], []
         for i, p in enumerate(pairs):
-            n = len(p.prompt)
-            pid[i, Tp - n:] = torch.tensor(p.prompt)
-            pm[i, Tp - n:] = 1
-        aid = torch.full((2 * B, Ta), pad_id, dtype=torch.long)
-        am = torch.zeros((2 * B, Ta), dtype=torch.long)
-        for i, a in enumerate(answers):
-            aid[i, :len(a)] = torch.tensor(a)
-            am[i, :len(a)] = 1
-        out.update(prompt_ids=pid, prompt_mask=pm, answer_ids=aid, answer_mask=am)
+            n_p, n_c, n_r = len(p.prompt), len(p.chosen), len(p.rejected)
+            ids[i, :n_p + n_c + n_r] = torch.tensor(p.prompt + p.chosen + p.rejected)
+            pos[i, :n_p + n_c + n_r] = torch.cat([torch.arange(n_p), torch.arange(n_p, n_p + n_c),
+                                                  torch.arange(n_p, n_p + n_r)])
+            branch[i, :n_p + n_c + n_r] = torch.tensor([0] * n_p + [1] * n_c + [2] * n_r)
+            # logits: [prompt's last | chosen but its last | rejected but its last]
+            keep = [n_p - 1] + list(range(n_p, n_p + n_c - 1)) + list(range(n_p + n_c, n_p + n_c + n_r - 1))
+            slots[i, :len(keep)] = torch.tensor(keep)
+            for k, t in enumerate(p.chosen):  # chosen[0] from the prompt's last, chosen[k] from column k
+                row.append(i), col.append(k), target.append(t), owner.append(i)
+            for k, t in enumerate(p.rejected):  # rejected[k >= 1] from column n_c - 1 + k
+                row.append(i), col.append(0 if k == 0 else n_c - 1 + k), target.append(t), owner.append(B + i)
+        out.update(tree_ids=ids, tree_pos=pos, tree_branch=branch, tree_out=slots, lp_row=torch.tensor(row),
+                   lp_col=torch.tensor(col), lp_target=torch.tensor(target), lp_owner=torch.tensor(owner))
     else:
         seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
         starts = [len(p.prompt) for p in pairs] * 2
@@ -298,18 +308,10 @@ def _inner(model):
     return getattr(model, "module", model)
 
 
-def _compute_dtype(model) -> torch.dtype:
-    p = next(model.parameters())
-    dev = p.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return p.dtype
-
-
 def sequence_logps(model, batch: dict) -> torch.Tensor:
     """[2B] summed log-probs of each answer (chosen rows first), from ONE forward of `model` over the pair batch."""
-    if "prompt_ids" in batch:
-        return _shared_prompt_logps(model, batch)
+    if "tree_ids" in batch:
+        return _tree_logps(model, batch)
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # [2B, T, V]
     mask = batch["target_mask"]
     lp = _token_logps(logits[:, :-1][mask], batch["input_ids"][:, 1:][mask])
@@ -317,26 +319,19 @@ def sequence_logps(model, batch: dict) -> torch.Tensor:
     return torch.zeros(mask.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
 
 
-def _shared_prompt_logps(model, batch: dict) -> torch.Tensor:
-    from dhad.model import KVCache
+def _tree_logps(model, batch: dict) -> torch.Tensor:
     inner = _inner(model)
-    P, pm, A, am = batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"], batch["answer_mask"]
-    B, Tp = P.shape
-    Ta = A.shape[1]
-    cache = KVCache.empty(inner.config, B, Tp + Ta, dtype=_compute_dtype(model), device=P.device)
-    # The prompt pass goes through the bare module: a DDP wrapper is entered once per step (the answer
-    # pass below), which is what its gradient reducer expects; FSDP2's root *is* the module.
-    last = inner(P, attention_mask=pm, cache=cache, last_only=True)[:, 0]  # [B, V]: predicts answer token 0
-    # Both answers continue the same prompt: duplicate the cache along the batch (differentiable cat, so the
-    # gradients of chosen and rejected both flow into the single prompt pass).
-    two = KVCache(k=[torch.cat([x, x]) for x in cache.k], v=[torch.cat([x, x]) for x in cache.v],
-                  lengths=cache.lengths.repeat(2), valid=cache.valid.repeat(2, 1), n_real=cache.n_real.repeat(2))
-    logits = model(A, attention_mask=am, cache=two)  # [2B, Ta, V]; position j predicts answer token j+1
-    lp0 = _token_logps(last.repeat(2, 1), A[:, 0])  # every answer has >= 1 token (validated)
-    mask = am[:, 1:].bool()
-    lp = _token_logps(logits[:, :-1][mask], A[:, 1:][mask])
-    rows = torch.arange(2 * B, device=A.device)[:, None].expand_as(mask)[mask]
-    return lp0.index_add(0, rows, lp)
+    ids, pos, br = batch["tree_ids"], batch["tree_pos"], batch["tree_branch"]
+    # a token sees earlier positions of the prompt and of its own branch
+    allowed = ((pos[:, None, :] <= pos[:, :, None]) & (br[:, None, :] >= 0)
+               & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])))
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=ids.device).masked_fill_(
+        ~allowed, torch.finfo(inner.dtype).min)[:, None]  # [B, 1, T, T]
+    if inner.config.position == "alibi":  # distances by position, not slot
+        bias = bias + inner.alibi_bias(pos, pos, None)
+    logits = model(ids, position_ids=pos, attn_bias=bias, output_positions=batch["tree_out"])  # [B, n, V]
+    lp = _token_logps(logits[batch["lp_row"], batch["lp_col"]], batch["lp_target"])
+    return torch.zeros(2 * ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, batch["lp_owner"], lp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,7 +529,8 @@ def cached_reference_logps(model, pairs: Sequence[Pair], path: str | os.PathLike
     from safetensors import safe_open
     from safetensors.torch import save_file
     path = Path(path)
-    full_key = hashlib.sha256(f"{key}|{pairs_fingerprint(pairs)}|{autocast_dtype}|{share_prompt}".encode()).hexdigest()
+    layout = "tree" if share_prompt else "concatenated"  # (earlier runs' shared-prompt KV-cache layout: recomputed)
+    full_key = hashlib.sha256(f"{key}|{pairs_fingerprint(pairs)}|{autocast_dtype}|{layout}".encode()).hexdigest()
     t = None
     if path.exists():
         try:
@@ -732,12 +728,10 @@ class DPOObjective(_Objective):
         self.vocab_size = inner.config.vocab_size
         self.autocast_dtype = torch.bfloat16 if getattr(recipe, "precision", "fp32") == "bf16" else None
         self.reference = self.cfg.resolved_reference(self.device)
-        # FSDP2 passes every block input that requires grad through an autograd Function (to hook its
-        # post-backward), which turns the duplicated prompt KV cache into views that the attention's
-        # in-place cache write may not modify: under FSDP2 the policy runs TRL's concatenated layout
-        # (same numbers, tested). The precomputed reference pass runs before wrapping: either layout.
-        fsdp = getattr(recipe, "distributed", "none") == "fsdp"
-        self.share_prompt = self.cfg.share_prompt and not fsdp
+        # ALiBi's train_seq_len scaling depends on each sequence's length, which the shared prompt of a
+        # tree does not have (it belongs to two): such models run the concatenated layout.
+        scaled = (inner.config.alibi_scaling or {}).get("train_seq_len") is not None
+        self.share_prompt = self.cfg.share_prompt and not scaled
         self.run_dir = Path(run_dir or recipe.out_dir) if (run_dir or getattr(recipe, "out_dir", None)) else None
         max_len = self._max_length(recipe.batch.seq_len)
         for (split, name), view in self.views.items():
@@ -756,7 +750,7 @@ class DPOObjective(_Objective):
                 if (Path(path) / val_split / "index.json").is_file():
                     self._view(name, path, val_split).restrict(max_len, self.reports[f"{val_split}/{name}"])
         key = init_fingerprint(recipe.model.init_from if getattr(recipe.model, "init_from", None) else inner)
-        kw = dict(batch_size=self.cfg.ref_batch_size, share_prompt=self.cfg.share_prompt, device=self.device,
+        kw = dict(batch_size=self.cfg.ref_batch_size, share_prompt=self.share_prompt, device=self.device,
                   autocast_dtype=self.autocast_dtype, progress=self.progress)
         info = {}
         import time
@@ -785,7 +779,7 @@ class DPOObjective(_Objective):
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
             self.ref_model.eval()
-            if fsdp and _dist():
+            if getattr(recipe, "distributed", "none") == "fsdp" and _dist():
                 # shard the frozen copy like the policy: a whole second model per GPU would undo FSDP's saving.
                 # Its forwards are collective, which holds: every rank runs the same micro batches (the
                 # loop pads evaluation rounds with lockstep-only batches).
@@ -795,7 +789,7 @@ class DPOObjective(_Objective):
                            getattr(recipe, "precision", "fp32"))
         self._write_report({"reference": {"mode": self.reference, "tables": info,
                                           "seconds": round(time.perf_counter() - t0, 3)},
-                            "layout": "shared_prompt" if self.share_prompt else "concatenated"})
+                            "layout": "tree" if self.share_prompt else "concatenated"})
 
     def _write_report(self, extra: dict) -> None:
         rep = {"config": asdict(self.cfg), **extra,
