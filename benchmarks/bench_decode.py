@@ -12,6 +12,8 @@ greedy decoding with EOS disabled so every run produces exactly the asked number
    CPU run uses mode "default"). Compilation happens in the warm-up, outside the timings.
 2. aggregate tokens/s of the Engine with S concurrent streams vs 1 stream; goal >= 5x.
 3. time to first token p50 / p99 under that load.
+4. with --vllm: the same S-stream load through `--engine vllm` (dhad's VLLMEngine over vLLM's
+   LLMEngine), so the native engine is compared with vLLM on the same weights and dtype.
 
     .venv/bin/python benchmarks/bench_decode.py [--new-tokens 64] [--streams 32] [--dtype float32] [--device cpu]
         [--threads 1] [--hidden 256 --layers 4 --vocab 8192] [--json results.jsonl]
@@ -28,7 +30,7 @@ import torch
 import transformers
 
 import dhad
-from dhad.engine import Engine
+from dhad.engine import Engine, make_engine
 from dhad.generate import SamplingParams, generate_ids
 
 
@@ -80,6 +82,11 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--json", help="append the results as one JSON line to this file")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled contestants")
+    ap.add_argument("--vllm", action="store_true",
+                    help="also run the S-stream load through --engine vllm (needs vLLM, e.g. its CPU build: "
+                         "see tests/test_vllm_real.py for the environment)")
+    ap.add_argument("--vllm-memory", type=float, default=0.1,
+                    help="vLLM gpu_memory_utilization (on its CPU build: the share of RAM for the KV cache)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -90,9 +97,10 @@ def main():
                                    num_key_value_heads=max(1, a.hidden // 64), max_position_embeddings=2048,
                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
     ref = transformers.LlamaForCausalLM(cfg).eval()
-    with tempfile.TemporaryDirectory() as d:
-        ref.save_pretrained(d)
-        ours = dhad.load_model(d, dtype=a.dtype, device=a.device)
+    tmp = tempfile.TemporaryDirectory()
+    d = tmp.name
+    ref.save_pretrained(d)
+    ours = dhad.load_model(d, dtype=a.dtype, device=a.device)
     ref = ref.to(device=a.device, dtype=dtype)
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"model: Llama {n_params / 1e6:.1f}M params ({a.hidden} hidden, {a.layers} layers, vocab {a.vocab}), "
@@ -155,6 +163,24 @@ def main():
           f"ratio {r_many / r_one:.2f}x (goal >= 5x)")
     print(f"[3] TTFT under {a.streams} concurrent streams: p50 {statistics.median(ttft):.1f} ms | "
           f"p99 {pct(ttft, 99):.1f} ms | single-stream TTFT {one.ttft_s * 1000:.1f} ms")
+    r_vllm = None
+    if a.vllm:  # 4. the same load through vLLM (same weights, same dtype, greedy, no EOS)
+        eng = make_engine(d, None, engine="vllm", max_batch_size=a.streams, max_queue=a.streams, dtype=a.dtype,
+                          gpu_memory_utilization=a.vllm_memory)
+        with eng:
+            eng.generate(prompts[0], no_eos, timeout=600)  # warm up
+            t = time.perf_counter()
+            one_v = eng.generate(prompts[0], params, timeout=600)
+            r_one_v = one_v.completion_tokens / (time.perf_counter() - t)
+            t = time.perf_counter()
+            res_v = [h.result(600) for h in [eng.submit(p, params) for p in prompts]]
+            r_vllm = sum(r.completion_tokens for r in res_v) / (time.perf_counter() - t)
+            same_v = [r.token_ids for r in res_v] == [r.token_ids for r in res]
+        ttft_v = [r.ttft_s * 1000 for r in res_v]
+        print(f"[4] vLLM {eng.stats()['vllm_version']} engine: 1 stream {r_one_v:8.1f} tok/s | {a.streams} streams "
+              f"{r_vllm:8.1f} tok/s | TTFT p50 {statistics.median(ttft_v):.1f} ms | dhad engine / vLLM at "
+              f"{a.streams} streams {r_many / r_vllm:.2f}x (same greedy tokens: {same_v})")
+    tmp.cleanup()
     if a.json:
         with open(a.json, "a", encoding="utf-8") as f:
             f.write(json.dumps({"bench": "decode", "device": a.device, "dtype": a.dtype, "params_m": n_params / 1e6,
@@ -162,7 +188,7 @@ def main():
                                 **{f"{k}_tok_s": v for k, v in rates.items() if k.endswith("compiled")},
                                 "engine_1_tok_s": r_one, "engine_many_tok_s": r_many, "streams": a.streams,
                                 "aggregate_ratio": r_many / r_one, "ttft_p50_ms": statistics.median(ttft),
-                                "ttft_p99_ms": pct(ttft, 99), "same_greedy": same}) + "\n")
+                                "ttft_p99_ms": pct(ttft, 99), "same_greedy": same, "vllm_many_tok_s": r_vllm}) + "\n")
 
 
 if __name__ == "__main__":

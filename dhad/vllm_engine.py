@@ -89,9 +89,13 @@ class VLLMEngine(EngineFrontend):
         check_support(model_dir, vllm.__version__)
         self._vllm = vllm
         self.model_dir = str(model_dir)
+        skip_tokenizer = False
         if tokenizer is None:
-            from dhad.tokenizer import load_tokenizer
-            tokenizer = load_tokenizer(model_dir)
+            from dhad.tokenizer import TokenizerError, load_tokenizer
+            try:
+                tokenizer = load_tokenizer(model_dir)
+            except TokenizerError:  # a checkpoint without tokenizer files: token ids in and out, no text
+                skip_tokenizer = True
         self.tokenizer = tokenizer
         cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
         context = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
@@ -104,7 +108,8 @@ class VLLMEngine(EngineFrontend):
         self._eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         self._special = set(getattr(tokenizer, "special_ids", ()) or ())
         self._engine_args = dict(model=self.model_dir, max_num_seqs=max_batch_size, max_model_len=self.max_seq_len,
-                                 dtype=dtype, trust_remote_code=False, **engine_kwargs)
+                                 dtype=dtype, trust_remote_code=False,
+                                 **({"skip_tokenizer_init": True} if skip_tokenizer else {}), **engine_kwargs)
         self._cv = threading.Condition()
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._live: dict[str, dict] = {}
@@ -178,6 +183,17 @@ class VLLMEngine(EngineFrontend):
         finally:
             with self._cv:
                 self._closing = True
+            self._release_vllm()
+
+    def _release_vllm(self):
+        """Stop vLLM's engine-core processes now (V1 engines run them beside this one) instead of at
+        interpreter exit."""
+        core = getattr(self._engine, "engine_core", None)
+        try:
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort: the process is ending this engine anyway
+            pass
 
     def _fail_all(self, message: str):
         with self._cv:
@@ -205,7 +221,8 @@ class VLLMEngine(EngineFrontend):
                 vp = to_vllm_params(h.params, len(h.prompt_ids), max(self._limit(len(h.prompt_ids), h.params), 1),
                                     self._vllm)
                 eng.add_request(h.id, {"prompt_token_ids": h.prompt_ids}, vp)
-                self._live[h.id] = {"h": h, "n": 0, "dec": StreamDecoder(self.tokenizer, skip_ids=self._special),
+                dec = StreamDecoder(self.tokenizer, skip_ids=self._special) if self.tokenizer is not None else None
+                self._live[h.id] = {"h": h, "n": 0, "dec": dec,
                                     "stop": StopMatcher(h.params.stop_strings),
                                     "end_ids": self._end_ids(h.params)}
             for rid, st in list(self._live.items()):
@@ -223,11 +240,13 @@ class VLLMEngine(EngineFrontend):
                 comp = out.outputs[0]
                 ids = list(comp.token_ids)
                 new_ids, st["n"] = ids[st["n"]:], len(ids)
-                text = "".join(st["stop"].feed(st["dec"].push(t)) for t in new_ids if t not in st["end_ids"])
+                dec = st["dec"]
+                text = "".join(st["stop"].feed(dec.push(t)) for t in new_ids if t not in st["end_ids"]) if dec else ""
                 self._counters["tokens"] += len(new_ids)
                 reason = None
                 if out.finished:
-                    text += st["stop"].feed(st["dec"].flush()) + st["stop"].flush()
+                    if dec is not None:
+                        text += st["stop"].feed(dec.flush()) + st["stop"].flush()
                     reason = "length" if comp.finish_reason == "length" else "stop"
                     self._live.pop(out.request_id)
                     self._counters["completed"] += 1

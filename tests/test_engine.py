@@ -342,3 +342,30 @@ def test_vllm_adapter_drives_llmengine_like_native(tmp_path, monkeypatch, byte_t
         fake.model = None
         res = eng.generate([1, 2, 3], max_new_tokens=4, timeout=30)
         assert res.finish_reason == "error" and "engine stopped" in res.error
+
+
+def test_vllm_engine_args_reach_vllm(tmp_path, monkeypatch, byte_tok):
+    """`dhad serve --engine vllm --vllm-arg KEY=VALUE`: values read as JSON, passed to vllm.EngineArgs
+    with the dtype (the checkpoint's unless given); refused for the native engine."""
+    import sys
+
+    from dhad.checkpoint import save_model
+    from dhad.cli import CLIError
+    from dhad.serve.backend import load_backend
+    from dhad.serve.cli import parse_engine_args
+    args = parse_engine_args(["tensor_parallel_size=8", "gpu_memory_utilization=0.2", "enforce_eager=true",
+                              "kv_cache_dtype=fp8"])
+    assert args == {"tensor_parallel_size": 8, "gpu_memory_utilization": 0.2, "enforce_eager": True,
+                    "kv_cache_dtype": "fp8"}
+    for bad in ("novalue", "=3", "two words=1"):
+        with pytest.raises(CLIError, match="KEY=VALUE"):
+            parse_engine_args([bad])
+    model = Transformer(Config.from_name("tiny-llama", vocab_size=byte_tok.vocab_size)).init_weights(seed=0)
+    save_model(model, tmp_path, tokenizer=byte_tok)
+    fake = _FakeVLLM(model, model.config.eos_token_id)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    backend = load_backend(tmp_path, engine="vllm", engine_args={"tensor_parallel_size": 2})
+    with backend.engine.start():
+        assert fake.args["tensor_parallel_size"] == 2 and fake.args["dtype"] == "auto"
+    with pytest.raises(ValueError, match="for --engine vllm"):
+        load_backend(tmp_path, engine_args={"tensor_parallel_size": 2})

@@ -106,11 +106,13 @@ class Backend:
         return dataclasses.replace(p, stop_strings=p.stop_strings + extra) if extra else p
 
 
-def load_backend(model_dir, *, dtype: str = "float32", device: str = "cpu", engine: str = "native",
+def load_backend(model_dir, *, dtype: str | None = None, device: str = "cpu", engine: str = "native",
                  fmt=None, model_name: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
                  max_new_tokens_limit: int = 4096, max_seq_len: int | None = None,
-                 download: bool = False) -> Backend:
-    """Load a model directory (``download``: a Hugging Face repo id, fetched) and build (not start) its engine."""
+                 download: bool = False, engine_args: dict | None = None) -> Backend:
+    """Load a model directory (``download``: a Hugging Face repo id, fetched) and build (not start) its engine.
+    ``dtype`` None: float32 for the native engine, the checkpoint's for vLLM. ``engine_args``: extra
+    `vllm.EngineArgs` (e.g. tensor_parallel_size, gpu_memory_utilization), vLLM only."""
     from dhad.checkpoint import resolve_model_dir
     from dhad.engine import make_engine
     from dhad.tokenizer import load_tokenizer
@@ -120,8 +122,10 @@ def load_backend(model_dir, *, dtype: str = "float32", device: str = "cpu", engi
     kw = dict(max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens_limit=max_new_tokens_limit,
               max_seq_len=max_seq_len)
     if engine == "native":
+        if engine_args:
+            raise ValueError(f"engine arguments {sorted(engine_args)} are for --engine vllm")
         from dhad.checkpoint import load_model
-        eng = make_engine(load_model(d, dtype=dtype, device=device), tok, "native", **kw)
+        eng = make_engine(load_model(d, dtype=dtype or "float32", device=device), tok, "native", **kw)
     else:
-        eng = make_engine(d, tok, engine, **kw)
+        eng = make_engine(d, tok, engine, dtype=dtype or "auto", **kw, **(engine_args or {}))
     return Backend.from_engine(eng, fmt=fmt, model_name=model_name or d.resolve().name, model_dir=d)

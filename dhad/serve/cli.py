@@ -7,6 +7,7 @@ it still holds and stops.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -26,7 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default=None,
                    help="chat format: jais, jais-legacy, llama2, chatml (default: the checkpoint's chat_template)")
     p.add_argument("--engine", choices=("native", "vllm"), default="native")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra vllm.EngineArgs field, repeatable; VALUE is read as JSON when it parses "
+                        "(e.g. tensor_parallel_size=8, gpu_memory_utilization=0.2 -- on vLLM's CPU build "
+                        "the share of RAM for the KV cache)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: float32 natively, the checkpoint's on vLLM)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch (then 429)")
@@ -39,6 +45,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on shutdown")
     p.add_argument("--log-level", default="info")
+
+
+def parse_engine_args(items: list[str]) -> dict:
+    """``["tensor_parallel_size=8", "enforce_eager=true", "kv_cache_dtype=fp8"]`` -> a dict; values are JSON
+    when they parse (numbers, true/false, lists), else strings."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise CLIError(f"--vllm-arg {item!r}: expected KEY=VALUE with KEY an EngineArgs field name")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def build_filter(kind: str, blocklist: str | None):
@@ -59,6 +80,9 @@ def run(args) -> int:
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be 1..65535, got {args.port}")
     content_filter = build_filter(args.content_filter, args.blocklist)
+    engine_args = parse_engine_args(args.vllm_arg)
+    if engine_args and args.engine != "vllm":
+        raise CLIError("--vllm-arg needs --engine vllm")
     api_key = args.api_key if args.api_key is not None else (os.environ.get("DHAD_API_KEY") or None)
 
     import uvicorn
@@ -71,7 +95,7 @@ def run(args) -> int:
         backend = load_backend(args.model, dtype=args.dtype, device=args.device, engine=args.engine, fmt=args.format,
                                model_name=args.served_model_name, max_batch_size=args.max_batch_size,
                                max_queue=args.max_queue, max_new_tokens_limit=args.max_new_tokens_limit,
-                               download=args.download)
+                               download=args.download, engine_args=engine_args)
     # missing directory, bad checkpoint / tokenizer / format, vLLM not installed
     except (OSError, ValueError, RuntimeError, CheckpointError) as e:
         raise CLIError(str(e)) from None
