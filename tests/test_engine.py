@@ -369,3 +369,11 @@ def test_vllm_engine_args_reach_vllm(tmp_path, monkeypatch, byte_tok):
         assert fake.args["tensor_parallel_size"] == 2 and fake.args["dtype"] == "auto"
     with pytest.raises(ValueError, match="for --engine vllm"):
         load_backend(tmp_path, engine_args={"tensor_parallel_size": 2})
+    # a checkpoint without tokenizer files: token ids in and out, vLLM told not to load one
+    bare = tmp_path / "bare"
+    save_model(model, bare)
+    with make_engine(bare, None, engine="vllm") as eng:
+        assert fake.args["skip_tokenizer_init"] is True and eng.tokenizer is None
+        res = eng.generate([5, 6, 7], max_new_tokens=4, eos_token_id=(), timeout=60)
+        assert res.token_ids == generate_ids(model, [5, 6, 7], max_new_tokens=4, eos_token_id=())[0]
+        assert res.text == ""
