@@ -230,9 +230,7 @@ class Attention(nn.Module):
             q = F.linear(take(x, out), w[:nq], b[:nq] if b is not None else None)
             rope_q = tuple(take(t, out) for t in rope) if rope is not None else None
             if attn_mask is None and is_causal:  # causal over these tokens, for the kept queries
-                keys = torch.arange(T, device=x.device)
-                attn_mask = torch.zeros(B, 1, out.shape[1], T, dtype=x.dtype, device=x.device).masked_fill_(
-                    (keys[None, None, :] > out[:, :, None])[:, None], torch.finfo(x.dtype).min)
+                attn_mask = (torch.arange(T, device=x.device) <= out[:, :, None])[:, None]  # [B, 1, n, T]
             elif attn_mask is not None:
                 attn_mask = attn_mask.expand(B, -1, -1, -1).gather(
                     2, out[:, None, :, None].expand(B, attn_mask.shape[1], out.shape[1], attn_mask.shape[-1]))
@@ -473,12 +471,9 @@ class Transformer(nn.Module):
         """ALiBi's additive bias -slope_h * |q - k| [B, H, T, S] for query / key positions [B, T] /
         [B, S]; key_len ([B] per row, or [B, T] per query) drives the train_seq_len scaling."""
         dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs().float()  # [B, T, S]
-        if key_len is not None and key_len.dim() == 2:  # per query
-            slopes = self._slopes(key_len.flatten())  # [B * T | 1, H]
-            if slopes.shape[0] == key_len.numel():
-                slopes = slopes.view(*key_len.shape, -1).transpose(1, 2)[..., None]  # [B, H, T, 1]
-            else:
-                slopes = slopes[:, :, None, None]
+        if key_len is not None and key_len.dim() == 2:  # per query: [B, H, T, 1]
+            B, T = key_len.shape
+            slopes = self._slopes(key_len.flatten()).expand(B * T, -1).reshape(B, T, -1).transpose(1, 2)[..., None]
         else:
             slopes = self._slopes(key_len)[:, :, None, None]  # [B|1, H, 1, 1]
         return -(slopes * dist[:, None])
