@@ -510,3 +510,7 @@ def test_serve_cli_errors(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path), "--content-filter", "blocklist",
                  "--blocklist", str(tmp_path / "empty.txt")]) == 2
     assert "blocklist is empty" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--vllm-arg", "tensor_parallel_size=2"]) == 2
+    assert "--vllm-arg needs --engine vllm" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--engine", "vllm", "--vllm-arg", "oops"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
