@@ -121,7 +121,7 @@ def test_config_errors_name_the_field():
 
 
 # ---------------------------------------------------------------------------------------------
-# One forward for both answers: shared-prompt (KV cache) layout == concatenated layout == per pair
+# One forward for both answers: shared-prompt (token tree) layout == concatenated layout == per pair
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-jais"])
 def test_shared_prompt_equals_concat_and_single_pairs(preset):
