@@ -84,7 +84,8 @@ def run(args) -> int:
     else:
         print(text)
         if n_new:
-            print(f"[{n_new} tokens in {dt:.2f}s, {n_new / dt:.1f} tok/s]", file=sys.stderr)
+            note = " (including the decode step's compilation)" if args.compile else ""
+            print(f"[{n_new} tokens in {dt:.2f}s, {n_new / dt:.1f} tok/s{note}]", file=sys.stderr)
     return 0
 
 
