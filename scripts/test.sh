@@ -10,4 +10,8 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "[test] WARNING: could not install chromium; the browser test will be skipped"
 fi
 export DHAD_DATA_DIR=${DHAD_DATA_DIR:-$(cd .. && pwd)/shared/data}
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+# The adapter against a real vLLM (its CPU build, in .venv-vllm): opt-in, CI sets DHAD_TEST_VLLM=1.
+if [ "${DHAD_TEST_VLLM:-0}" = 1 ]; then
+  bash scripts/test-vllm.sh
+fi
