@@ -277,10 +277,12 @@ def collate(pairs: Sequence[Pair], share_prompt: bool = True, pad_id: int = 0, d
             # logits: [prompt's last | chosen but its last | rejected but its last]
             keep = [n_p - 1] + list(range(n_p, n_p + n_c - 1)) + list(range(n_p + n_c, n_p + n_c + n_r - 1))
             slots[i, :len(keep)] = torch.tensor(keep)
-            for k, t in enumerate(p.chosen):  # chosen[0] from the prompt's last, chosen[k] from column k
-                row.append(i), col.append(k), target.append(t), owner.append(i)
-            for k, t in enumerate(p.rejected):  # rejected[k >= 1] from column n_c - 1 + k
-                row.append(i), col.append(0 if k == 0 else n_c - 1 + k), target.append(t), owner.append(B + i)
+            # chosen[k] from column k (column 0: the prompt's last); rejected[0] from column 0 too,
+            # rejected[k >= 1] from column n_c - 1 + k
+            row += [i] * (n_c + n_r)
+            col += list(range(n_c)) + [0] + list(range(n_c, n_c + n_r - 1))
+            target += p.chosen + p.rejected
+            owner += [i] * n_c + [B + i] * n_r
         out.update(tree_ids=ids, tree_pos=pos, tree_branch=branch, tree_out=slots, lp_row=torch.tensor(row),
                    lp_col=torch.tensor(col), lp_target=torch.tensor(target), lp_owner=torch.tensor(owner))
     else:
