@@ -218,7 +218,6 @@ class Sampler:
         self.temperature = torch.ones(B, **z)
         self.top_k = torch.zeros(B, dtype=torch.long, **z)
         self.top_p = torch.ones(B, **z)
-        self.do_sample = torch.zeros(B, dtype=torch.bool, **z)
         self.min_new = torch.zeros(B, dtype=torch.long, **z)
         self.min_total = torch.zeros(B, dtype=torch.long, **z)
         self.prompt_len = torch.zeros(B, dtype=torch.long, **z)
@@ -229,7 +228,7 @@ class Sampler:
         self._pen = [False] * B  # repetition_penalty != 1
         self._samp = [False] * B  # do_sample
         self._minlen = [False] * B  # min_new_tokens / min_length can block EOS
-        self._tensors = ("seen", "stop_mask", "penalty", "temperature", "top_k", "top_p", "do_sample", "min_new",
+        self._tensors = ("seen", "stop_mask", "penalty", "temperature", "top_k", "top_p", "min_new",
                          "min_total", "prompt_len", "n_gen")
 
     def set_row(self, r: int, params: SamplingParams, prompt_ids, stop_ids, generator: torch.Generator | None = None):
@@ -245,7 +244,6 @@ class Sampler:
         self.temperature[r] = float(params.temperature) if params.do_sample else 1.0
         self.top_k[r] = int(params.top_k)
         self.top_p[r] = float(params.top_p)
-        self.do_sample[r] = bool(params.do_sample)
         self.min_new[r] = int(params.min_new_tokens)
         self.min_total[r] = int(params.min_length)
         self.prompt_len[r] = len(prompt_ids)

@@ -152,9 +152,7 @@ class Scorer:
             prepared.append((gi, inputs, conts))
         results: list[list[tuple[float, bool]] | None] = [None] * len(groups)
         for block, trees in self._plan(prepared):
-            kv = None
-            if block:
-                kv = _block_cache(self.model, block)
+            kv = _block_cache(self.model, block) if block else None
             for rows in self._pack(trees, len(block)):
                 for t, res in zip((t for row in rows for t in row), self._run(rows, kv)):
                     results[t.index] = res
