@@ -50,6 +50,7 @@ from dhad.train.metrics import measure_peak_flops
 from dhad.train.objectives import _ce_sum, get_objective
 from dhad.train.optim import build_optimizer
 from dhad.train.recipe import OptimizerSpec
+from dhad.utils import tune_malloc
 
 # A Llama-architecture config big enough for the matmuls to dominate on a CPU (not from any card).
 BENCH = dict(vocab_size=8192, n_embd=768, n_head=12, n_kv_head=4, n_inner=2048, n_layer=6, block_size=1024)
@@ -175,6 +176,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--peak", type=float, default=None, help="bf16 peak in TFLOP/s for MFU (default: measured)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="keep glibc's default allocator settings (dhad.utils.tune_malloc is on by default)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -187,6 +190,8 @@ def main():
     if cfg.hf_layout != "llama":
         raise SystemExit("the comparison needs a Llama-layout config (transformers' LlamaForCausalLM)")
     dev = a.device
+    if dev == "cpu" and not a.no_malloc_tuning:
+        tune_malloc()  # what `dhad train` does on CPU; process-wide, so every contestant runs with it
     peak = measure_peak_flops(dev, torch.bfloat16, seconds=1.5)
     peak32 = measure_peak_flops(dev, torch.float32, seconds=0.5)
     peak_before = peak

@@ -292,3 +292,40 @@ def test_bad_data_gives_clear_errors(corpus, tmp_path):
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(ShardError, match=r"tokens_00000.bin: 100 bytes, index says"):
         train(recipe, run_dir=tmp_path / "r5", data_root=bad, progress=False)
+
+
+def test_tune_malloc_applies_glibc_settings_once_and_can_be_disabled():
+    """`dhad train` on CPU keeps freed activation buffers' pages (dhad.utils.tune_malloc): every mallopt
+    call must be accepted by glibc (a rejected value returns False), and DHAD_MALLOC_TUNING=0 skips it."""
+    import platform
+    code = "from dhad.utils import tune_malloc; print(tune_malloc(), tune_malloc())"
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ([str(on_glibc)] * 2)
+    env = {**os.environ, "DHAD_MALLOC_TUNING": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_fused_clip_step_equals_clip_grad_norm_then_step():
+    """train_step's clipping folded into the fused AdamW (`grad_scale`) and computed with dot products
+    gives the same norm and the same parameters as clip_grad_norm_ followed by step, clipped or not."""
+    from dhad.train.loop import _clip_into_fused_step
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(30, 20)), torch.nn.Parameter(torch.randn(7)),
+           torch.nn.Parameter(torch.randn(20, 30).t())]  # a non-contiguous one takes the norm kernel
+    got = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    for clip in (0.5, 1e6):
+        o_ref, o_got = torch.optim.AdamW(ref, lr=1e-2, fused=True), torch.optim.AdamW(got, lr=1e-2, fused=True)
+        for _ in range(3):
+            for a, b in zip(ref, got):
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad.clone()
+            n_ref = float(torch.nn.utils.clip_grad_norm_(ref, clip))
+            o_ref.step()
+            n_got = _clip_into_fused_step(o_got, [p.grad for p in got], clip)
+            assert n_got == pytest.approx(n_ref, rel=1e-6)
+            assert not hasattr(o_got, "grad_scale")
+            for a, b in zip(ref, got):
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        assert n_ref > 0.5  # the first case clipped
