@@ -20,9 +20,12 @@ median: what the machine gives when no neighbour is busy. The first step's loss 
 show that they compute the same thing. Not a test: numbers depend on the machine and its load.
 
 What differs (the point of the comparison): dhad fuses q|k|v and gate|up into one matmul each, keeps
-RoPE in bf16 under autocast, and computes the LM head + cross-entropy fused in chunks
-(`Transformer.forward(ids, targets=...)`, no [tokens, vocab] fp32 logits); transformers computes the
-standard way (full logits, then cross-entropy -- its own loss does the same).
+RoPE in bf16 under autocast, computes the LM head + cross-entropy fused in chunks
+(`Transformer.forward(ids, targets=...)`, no [tokens, vocab] fp32 logits), and on CPU attends with the
+probabilities held up to 512 tokens (batched matmuls instead of the CPU flash kernel's slow backward);
+transformers computes the standard way (full logits, then cross-entropy -- its own loss does the same --,
+SDPA). Shared by all (process-wide or in the shared train_step): the allocator settings of
+dhad.utils.tune_malloc (off with --no-malloc-tuning) and clipping folded into the fused AdamW.
 
     .venv/bin/python benchmarks/bench_train.py                       # CPU, a ~50M-parameter Llama
     .venv/bin/python benchmarks/bench_train.py --compile both         # torch.compile for dhad and hf-same-loop

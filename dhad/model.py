@@ -4,8 +4,9 @@ Design choices (all switched by `Config` flags, never by model name):
 - Pre-norm blocks: LayerNorm with bias (Jais) or RMSNorm computed in fp32 (Llama).
 - Positions: ALiBi (Jais-family; slopes for any head count, optional `alibi_scaling`), RoPE (Llama,
   rotate-half convention, optional linear scaling) or learned `wpe` (GPT-2 style).
-- Attention through `F.scaled_dot_product_attention`; q, k, v come from one fused projection
-  (`attn.qkv`, the layout of Jais' `c_attn`); grouped-query attention via `enable_gqa`.
+- Attention through `F.scaled_dot_product_attention` (`attend`; CPU half-precision training at up to
+  512 tokens holds the probabilities instead: `_MaterializedAttention`); q, k, v come from one fused
+  projection (`attn.qkv`, the layout of Jais' `c_attn`); grouped-query attention via `enable_gqa`.
   Scores are scaled by 1/head_dim**p (p = 1 under muP, 0.5 otherwise).
 - MLP: `proj(silu(gate) * up)` for both Jais SwiGLU (gate = c_fc2, up = c_fc) and Llama (gate_proj,
   up_proj), with gate and up fused in one matmul (`mlp.fc`); or GELU (tanh approximation, `gelu_new`).
@@ -316,6 +317,29 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, Tq, -1))
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up from the fused [gate | up] projection h [..., 2F], whose gradient is written
+    straight into one [..., 2F] tensor (autograd through `chunk` would make the two halves and then
+    concatenate them: one more read and write of the widest activation per layer)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        s = F.silu(gate)
+        ctx.save_for_backward(h, s)
+        return s * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, s = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        dh = torch.empty(h.shape, dtype=torch.promote_types(grad.dtype, h.dtype), device=h.device)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        torch.mul(grad, s, out=d_up)
+        return dh
+
+
 class MLP(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
@@ -328,6 +352,8 @@ class MLP(nn.Module):
         h = self.fc(x)
         if self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")
+        elif torch.is_grad_enabled() and h.requires_grad and not torch.compiler.is_compiling():
+            h = _SwiGLU.apply(h)  # under torch.compile the generated kernels fuse the halves anyway
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up

@@ -5,7 +5,7 @@ close to the fp32 truth as the plain bf16 path. Jais (tied head, muP logits scal
 configs; ignored targets; several chunks and groups. RMSNorm's hand-written backward against autograd
 through transformers' RMSNorm arithmetic. CPU half-precision training attention (scores held, batched
 matmuls) against `F.scaled_dot_product_attention`: causal, grouped-query, additive masks, in a whole model,
-and under torch.compile."""
+and under torch.compile. SwiGLU's backward into one [gate | up] gradient, bit for bit autograd's."""
 from __future__ import annotations
 
 import pytest
@@ -215,3 +215,19 @@ def test_materialized_attention_under_torch_compile():
     compiled = torch.compile(lambda q, k, v: attend(q, k, v, None, True, 0.25), fullgraph=True)
     for a, b in zip(_attention_grads(compiled, q, k, v, go, torch.bfloat16), eager):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_backward_is_autograds_bit_for_bit(dtype):
+    from dhad.model import _SwiGLU
+    torch.manual_seed(0)
+    h0, grad = torch.randn(3, 5, 16, dtype=dtype), torch.randn(3, 5, 8, dtype=dtype)
+    h = h0.clone().requires_grad_()
+    out = _SwiGLU.apply(h)
+    out.backward(grad)
+    h_ref = h0.clone().requires_grad_()
+    gate, up = h_ref.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=0, atol=0)
