@@ -211,7 +211,8 @@ def make_norm(config: Config) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Attention
 
-MATERIALIZE_MAX_LEN = 512  # CPU training in bf16/fp16: scores held in memory up to this length
+MATERIALIZE_MAX_LEN = 512  # CPU training in bf16/fp16: scores held in memory up to this length...
+MATERIALIZE_MAX_SCORES = 1 << 28  # ...and up to this many [B, H, T, T] values per layer (512 MiB in bf16)
 
 
 class _MaterializedAttention(torch.autograd.Function):
@@ -262,6 +263,7 @@ def attend(q, k, v, attn_mask, is_causal, scale):
     T = q.shape[2]
     if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
             and q.requires_grad and T == k.shape[2] and T <= MATERIALIZE_MAX_LEN
+            and q.shape[0] * q.shape[1] * T * T <= MATERIALIZE_MAX_SCORES
             and k.dtype == v.dtype == q.dtype and (attn_mask is not None or is_causal)
             and (attn_mask is None or (attn_mask.is_floating_point() and not attn_mask.requires_grad))):
         return _MaterializedAttention.apply(q, k, v, attn_mask, scale)

@@ -165,7 +165,7 @@ def test_materialized_attention_equals_sdpa(kind):
         assert (a - r).norm() <= 2e-2 * r.norm()
 
 
-def test_attend_chooses_the_materialized_path_only_for_cpu_half_precision_training():
+def test_attend_chooses_the_materialized_path_only_for_cpu_half_precision_training(monkeypatch):
     from dhad import model as M
     q, k, v, _, mask = _attention_case("alibi")
     qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
@@ -179,6 +179,8 @@ def test_attend_chooses_the_materialized_path_only_for_cpu_half_precision_traini
     long = [torch.randn(1, 2, M.MATERIALIZE_MAX_LEN + 1, 8, dtype=torch.bfloat16, requires_grad=True)
             for _ in range(3)]
     assert "Materialized" not in type(M.attend(*long, None, True, 1.0).grad_fn).__name__
+    monkeypatch.setattr(M, "MATERIALIZE_MAX_SCORES", qb.shape[0] * qb.shape[1] * qb.shape[2] ** 2 - 1)
+    assert "Materialized" not in type(M.attend(qb, kb, vb, None, True, 0.25).grad_fn).__name__  # too big
 
 
 @pytest.mark.parametrize("preset", ["tiny-jais", "tiny-llama"])
