@@ -60,9 +60,46 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, scalin
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D]; cos/sin [B, T, D]."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _Rope.apply(x, cos, sin)
     cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 transposed: bool) -> torch.Tensor:
+    """out = x * cos + rotate_half(x) * sin, or with the transposed rotation (the gradient's:
+    [x2 * sin2, -x1 * sin1]), in three passes, none of them a concatenation."""
+    h = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)
+    if transposed:
+        out[..., :h].addcmul_(x[..., h:], sin[..., h:])
+        out[..., h:].addcmul_(x[..., :h], sin[..., :h], value=-1)
+    else:
+        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+        out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE for training in eager mode: the output is written contiguous in [B, H, T, D] (the layout
+    the attention kernels read, so no copy follows), the gradient straight in x's own layout (the
+    fused q|k|v projection's); about a third of autograd's passes through chunk / neg / cat."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        cos, sin = cos[:, None], sin[:, None]
+        ctx.save_for_backward(cos, sin)
+        return _rotate_into(torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device),
+                            x, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        B, H, T, D = grad.shape
+        dx = torch.empty(B, T, H, D, dtype=grad.dtype, device=grad.device).transpose(1, 2)
+        return _rotate_into(dx, grad, cos, sin, True), None, None
 
 
 def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ close to the fp32 truth as the plain bf16 path. Jais (tied head, muP logits scal
 configs; ignored targets; several chunks and groups. RMSNorm's hand-written backward against autograd
 through transformers' RMSNorm arithmetic. CPU half-precision training attention (scores held, batched
 matmuls) against `F.scaled_dot_product_attention`: causal, grouped-query, additive masks, in a whole model,
-and under torch.compile. SwiGLU's backward into one [gate | up] gradient, bit for bit autograd's."""
+and under torch.compile. SwiGLU's backward into one [gate | up] gradient, bit for bit autograd's; RoPE's training path."""
 from __future__ import annotations
 
 import pytest
@@ -233,3 +233,27 @@ def test_swiglu_backward_is_autograds_bit_for_bit(dtype):
     ref.backward(grad)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=0, atol=0)
+
+
+def test_rope_training_path_equals_autograd_through_rotate_half():
+    """apply_rope's training path (`_Rope`: three passes each way, output contiguous in [B, H, T, D])
+    against autograd through the rotate-half formula, with different cos / sin halves so that a
+    swapped half in the transposed rotation would show."""
+    from dhad.model import _Rope
+
+    def reference(x, cos, sin):
+        cos, sin = cos[:, None], sin[:, None]
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 7, 3, 8).transpose(1, 2)  # [B, H, T, D] as a view of [B, T, H, D], as in the model
+    cos, sin, grad = torch.randn(2, 7, 8), torch.randn(2, 7, 8), torch.randn(2, 3, 7, 8)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 8e-2)):
+        a, b = (x0.to(dtype).detach().clone().requires_grad_() for _ in range(2))
+        out, ref = _Rope.apply(a, cos.to(dtype), sin.to(dtype)), reference(b, cos.to(dtype), sin.to(dtype))
+        out.backward(grad.to(dtype))
+        ref.backward(grad.to(dtype))
+        assert out.is_contiguous() and a.grad.stride() == b.grad.stride()
+        torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=tol, atol=tol)
