@@ -284,11 +284,12 @@ def train_step(model, objective: Objective, batches: list[dict], optimizer, env:
     gn = None
     if clip:
         params = params if params is not None else list(D.unwrap(model).parameters())
-        grads = [p.grad for p in params if p.grad is not None]
+        with_grad = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in with_grad]
         if optimizer.defaults.get("fused") and grads and not any(hasattr(g, "full_tensor") for g in grads):
             gn = _clip_into_fused_step(optimizer, grads, clip)
         else:
-            gn = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
+            gn = torch.nn.utils.clip_grad_norm_(with_grad, clip)
             gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
             optimizer.step()
     else:
