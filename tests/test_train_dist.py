@@ -137,3 +137,25 @@ def test_meta_init_needs_fsdp(setup, tmp_path):
     p.write_text(yaml.safe_dump(recipe))
     with pytest.raises(RecipeError, match="meta_init: needs distributed: fsdp"):
         load_recipe(p)
+
+
+def test_ddp_bf16_with_the_cpu_training_kernels_equals_one_process(setup):
+    """bf16 autocast with the fused AdamW (the defaults): the CPU training paths -- attention with the
+    probabilities held (here with ALiBi's additive mask), SwiGLU's one-tensor backward, clipping folded
+    into the fused step -- under DDP give the 1-process run's losses and clipped gradient norms (bf16: 1e-3)."""
+    root, path, _ = setup
+    recipe = yaml.safe_load(path.read_text())
+    recipe.update(type="pretrain", precision="bf16", clip_grad=0.5,
+                  stages=[{"name": "all", "tokens": 4 * 8 * 32, "mix": {"en": 1, "ar": 2}}])
+    recipe["optimizer"].pop("fused")
+    p = root / "bf16.yaml"
+    p.write_text(yaml.safe_dump(recipe))
+    ref = train(p, run_dir=root / "bf16-ref", data_root=root, progress=False)
+    recs = _torchrun(root, p, root / "bf16-ddp", "--set", "distributed=ddp")
+    got = [r for r in recs if r["event"] == "step"]
+    ref_steps = [json.loads(x) for x in (root / "bf16-ref" / "metrics.jsonl").read_text().splitlines()]
+    ref_steps = [r for r in ref_steps if r["event"] == "step"]
+    assert [r["step"] for r in got] == [r["step"] for r in ref_steps] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref_steps], rtol=1e-3)
+    np.testing.assert_allclose([r["grad_norm"] for r in got], [r["grad_norm"] for r in ref_steps], rtol=1e-2)
+    assert min(r["grad_norm"] for r in ref_steps) > 0.5  # clipping was active
