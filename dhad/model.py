@@ -58,9 +58,15 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, scalin
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def _eager_training(x: torch.Tensor) -> bool:
+    """A gradient is wanted and torch.compile is not tracing: where the hand-written backward
+    Functions (_Rope, _SwiGLU) pay; compiled graphs fuse the plain formulas themselves."""
+    return torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D]; cos/sin [B, T, D]."""
-    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+    if _eager_training(x):
         return _Rope.apply(x, cos, sin)
     cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x.chunk(2, dim=-1)
@@ -391,8 +397,8 @@ class MLP(nn.Module):
         h = self.fc(x)
         if self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")
-        elif torch.is_grad_enabled() and h.requires_grad and not torch.compiler.is_compiling():
-            h = _SwiGLU.apply(h)  # under torch.compile the generated kernels fuse the halves anyway
+        elif _eager_training(h):
+            h = _SwiGLU.apply(h)
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
