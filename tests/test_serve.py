@@ -214,12 +214,12 @@ BAD = [
     ("/score", {"input_data": {"input_string": user("hi"), "parameters": {"do_sample": 1}}}, 422, "do_sample"),
     ("/score", {"input_string": user("hi")}, 422, "input_data"),
     ("/v1/chat/completions", {"messages": user("hi"), "presence_penalty": 0.5}, 400, "repetition_penalty"),
-    ("/v1/chat/completions", {"messages": user("hi"), "n": 2}, 422, "n:"),
+    ("/v1/chat/completions", {"messages": user("hi"), "n": 2}, 400, "n must be 1"),
     ("/v1/chat/completions", {"messages": user("hi"), "max_tokens": "10"}, 422, "max_tokens"),
     ("/v1/chat/completions", {"messages": user("hi"), "top_p": 0}, 422, "top_p"),
     ("/v1/chat/completions", {"messages": user("hi"), "logprobs": True}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": []}, 422, "messages"),
-    ("/v1/completions", {"prompt": ""}, 400, "no tokens"),
+    ("/v1/completions", {"prompt": ""}, 422, "prompt: String should have at least 1 character"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
 ]
 
