@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["pytester"]  # tests/test_thread_rule.py runs this file's rules on a small suite
 
 
 def shared_root() -> Path:
