@@ -717,3 +717,108 @@ def test_serve_cli_errors(tmp_path, capsys):
     assert "--vllm-arg needs --engine vllm" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path), "--engine", "vllm", "--vllm-arg", "oops"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Load with hostile bodies (issue 17's acceptance)
+
+
+@pytest.mark.slow
+def test_small_requests_stay_fast_while_huge_bodies_arrive(demo_dir, tmp_path):
+    """64 clients send 2-token requests to a `dhad serve` process for 30 s while 64 MB bodies (refused with
+    413 from their Content-Length) and 5 MB bodies (refused before tokenising: too many characters) arrive:
+    every small request is answered, each 413 comes within 1 s, and p99 latency stays under 1 s. (Before:
+    the 5 MB body was tokenised on the event loop and a 2-token request took 4.3 s; a 48 MB body was read
+    and tokenised for 93 s.)
+
+    On a shared machine the server may get a fraction of a core; 64 clients then wait longer whatever the
+    bodies do. So the same clients first run 5 s without hostile bodies: when that baseline's p99 is
+    already above 1 s, the bound is twice the baseline (the hostile bodies must not slow anyone down).
+    All numbers, with the CPU time the server got, are printed."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dhad", "serve", "--model", str(demo_dir), "--port", str(port),
+                                 "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def server_cpu_s() -> float:
+        fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    big = b'{"prompt": "' + b"a" * (64 << 20) + b'"}'
+    five = _json({"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": "x" * 10_000}
+                               for i in range(501)], "max_tokens": 2})
+    assert 5_000_000 < len(five) < 5_100_000
+    hostile: list[tuple[str, int, float]] = []
+    failures: list[str] = []
+
+    def send_hostile():
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for i in range(6):
+                time.sleep(3.0)
+                name, path, body = ("64MB", "/v1/completions", big) if i % 2 == 0 else \
+                    ("5MB", "/v1/chat/completions", five)
+                t0 = time.perf_counter()
+                r = http.post(path, content=body, headers={"content-type": "application/json"})
+                hostile.append((name, r.status_code, time.perf_counter() - t0))
+
+    async def client(http, stop_at, latencies):
+        while time.monotonic() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                r = await http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "temperature": 0})
+                if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != 2:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+            except httpx.HTTPError as e:
+                failures.append(repr(e))
+            latencies.append(time.perf_counter() - t0)
+
+    async def run(seconds: float) -> list[float]:
+        latencies: list[float] = []
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+            stop_at = time.monotonic() + seconds
+            await asyncio.gather(*(client(http, stop_at, latencies) for _ in range(64)))
+        return sorted(latencies)
+
+    def p99(lat: list[float]) -> float:
+        return lat[int(len(lat) * 0.99)]
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        c0, w0 = server_cpu_s(), time.monotonic()
+        base = asyncio.run(run(5))
+        c1, w1 = server_cpu_s(), time.monotonic()
+        sender = threading.Thread(target=send_hostile, name="hostile-bodies")
+        sender.start()
+        try:
+            lat = asyncio.run(run(30))
+        finally:
+            sender.join(120)
+        c2, w2 = server_cpu_s(), time.monotonic()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    print(f"\nbaseline: {len(base)} requests in 5 s, p50 {base[len(base) // 2] * 1000:.0f} ms, p99 "
+          f"{p99(base) * 1000:.0f} ms, server CPU {(c1 - c0) / (w1 - w0):.0%} of a core\n"
+          f"with hostile bodies: {len(lat)} requests in 30 s, p50 {lat[len(lat) // 2] * 1000:.0f} ms, p99 "
+          f"{p99(lat) * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms, server CPU {(c2 - c1) / (w2 - w1):.0%} of a core\n"
+          "hostile: " + ", ".join(f"{n} -> {s} in {t * 1000:.0f} ms" for n, s, t in hostile))
+    assert not failures, failures[:5]
+    assert [(n, s) for n, s, _ in hostile] == [("64MB", 413), ("5MB", 400)] * 3
+    assert all(t < 1.0 for n, _, t in hostile if n == "64MB"), hostile
+    assert p99(lat) < max(1.0, 2 * p99(base)), (p99(base), p99(lat))
