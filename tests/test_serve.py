@@ -717,6 +717,9 @@ def test_serve_cli_errors(tmp_path, capsys):
     assert "--vllm-arg needs --engine vllm" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path), "--engine", "vllm", "--vllm-arg", "oops"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+    for flag, value in (("--max-body-mb", "0"), ("--header-timeout", "-1"), ("--max-prompt-chars", "0")):
+        assert main(["serve", "--model", str(tmp_path), flag, value]) == 2
+        assert flag in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 # ALLaM card: "maxOutputTokens 4096". The server's limit defaults to this and can be lowered/raised.
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 4096
@@ -39,6 +39,17 @@ def _valid_unicode(s: str) -> str:
     return s
 
 
+def _whole(v):
+    """JSON Schema's integers include 14.0 (a number with no fraction); JSON encoders write them so."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def _int(**bounds):
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+
+
 def _text(max_chars: int, min_chars: int = 0):
     return Annotated[str, Field(min_length=min_chars, max_length=max_chars), AfterValidator(_valid_unicode)]
 
@@ -50,13 +61,13 @@ _STRICT = ConfigDict(extra="forbid", strict=True)
 # Finite floats only: JSON parsers accept NaN/Infinity, sampling must never see them.
 Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-TopK = Annotated[int, Field(ge=0, le=1_000_000)]
+TopK = _int(ge=0, le=1_000_000)
 Penalty = Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)]
-TokenCount = Annotated[int, Field(ge=0, le=1_000_000)]
-PositiveTokenCount = Annotated[int, Field(ge=1, le=1_000_000)]
+TokenCount = _int(ge=0, le=1_000_000)
+PositiveTokenCount = _int(ge=1, le=1_000_000)
 # RFC 8259 §6: integers beyond 2**53 - 1 are not exchanged reliably (JavaScript clients round them).
-Seed = Annotated[int, Field(ge=0, le=2**53 - 1)]
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Seed = _int(ge=0, le=2**53 - 1)
+TokenId = _int(ge=0, le=2**31 - 1)
 StopString = _text(256, min_chars=1)
 Stop = StopString | Annotated[list[StopString], Field(max_length=16)]
 
@@ -159,7 +170,7 @@ class _SamplingFields(BaseModel):
     max_tokens: PositiveTokenCount | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
     top_p: TopP | None = None
-    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    n: _int(ge=1, le=128) | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop | None = None
@@ -183,7 +194,7 @@ class CompletionRequest(_SamplingFields):
     prompt: _text(MAX_TEXT_CHARS, min_chars=1) | Annotated[list[_text(MAX_TEXT_CHARS, min_chars=1)],
                                                            Field(min_length=1, max_length=1)]
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: _int(ge=0, le=20) | None = None
 
 
 class Usage(BaseModel):
