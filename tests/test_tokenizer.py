@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dhad.prompts import CHATML_TEMPLATE
 from dhad.tokenizer import (
-    CHATML_TEMPLATE,
     ArabicNormalization,
     Source,
     Tokenizer,
