@@ -18,9 +18,9 @@ What transformers does with a directory, and dhad with it:
 - `tokenizer.model` alone (SentencePiece BPE): converted to the same Llama backend (vocabulary from
   the pieces, merges ordered by piece id, control pieces special), so `<s>`/`</s>` in text are one id
   each and the model is served exactly what it was trained on.
-- BOS/EOS: the file's post-processor (Llama-3 adds `<|begin_of_text|>` with a `TemplateProcessing`)
-  -- unless `tokenizer_config.json` has `add_bos_token` or `add_eos_token`, or the file has no
-  post-processor: then BOS/EOS are added exactly as those keys say (default: neither).
+- BOS/EOS: with a `tokenizer.json`, its post-processor alone (Llama-3 adds `<|begin_of_text|>` with a
+  `TemplateProcessing`; transformers 5 ignores `add_bos_token`/`add_eos_token` then). With a
+  `tokenizer.model` alone, exactly what `add_bos_token`/`add_eos_token` say (default: neither).
 - Named special tokens of the config (`bos_token`, `eos_token`, `unk_token`, `pad_token`, ...) are
   special added tokens: recognised in text, dropped by `decode(..., skip_special_tokens=True)`.
 
@@ -212,14 +212,14 @@ def _apply_rules(hf, config: dict, sentencepiece: bool):
         if s and s not in have:
             hf.add_special_tokens([_added(s, True)])
             have.add(s)
-    # BOS/EOS: the file's post-processor, unless the config says add_bos_token/add_eos_token
-    if "add_bos_token" in config or "add_eos_token" in config or hf.post_processor is None:
+    # BOS/EOS: a tokenizer.json's own post-processor (transformers ignores add_bos_token/add_eos_token
+    # when there is a tokenizer.json); for a tokenizer.model, what add_bos_token/add_eos_token say
+    if sentencepiece:
         from tokenizers import processors
 
-        llama = sentencepiece or cls in LLAMA_CLASSES
         ends = []
         for flag, key in (("add_bos_token", "bos_token"), ("add_eos_token", "eos_token")):
-            s = _named(config, key, llama)
+            s = _named(config, key, True)
             i = hf.token_to_id(s) if s else None
             ends.append((s, i) if config.get(flag) and i is not None else None)
         bos, eos = ends
@@ -228,8 +228,6 @@ def _apply_rules(hf, config: dict, sentencepiece: bool):
             pair = single + " " + " ".join(([f"{bos[0]}:1"] if bos else []) + ["$B:1"] + ([f"{eos[0]}:1"] if eos else []))
             hf.post_processor = processors.TemplateProcessing(single=single, pair=pair,
                                                               special_tokens=[e for e in (bos, eos) if e])
-        else:
-            hf.post_processor = None  # adds nothing (transformers: a template of just $A)
     return hf
 
 
