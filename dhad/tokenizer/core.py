@@ -181,10 +181,19 @@ def _apply_rules(hf, config: dict, sentencepiece: bool):
     if sentencepiece:
         _llama_pipeline(hf, config)
     elif cls in LLAMA_CLASSES:
+        m = hf.model
+        if type(m).__name__ != "BPE":
+            raise TokenizerError(f"tokenizer_class {cls} needs a BPE tokenizer.json, got {type(m).__name__}")
+        file_added = {t.content for t in hf.get_added_tokens_decoder().values()}
+        if (not config.get("added_tokens_decoder") or file_added <= {t["content"] for _, t in _config_added_tokens(config)}) \
+                and m.continuing_subword_prefix is None and m.end_of_word_suffix is None:
+            # transformers rebuilds BPE(vocab, merges, fuse_unk, byte_fallback) and re-adds these same added
+            # tokens: setting the same model options in place gives the same tokenizer, without the rebuild
+            m.unk_token, m.fuse_unk, m.byte_fallback, m.dropout, m.ignore_merges = None, True, True, None, False
+            _llama_pipeline(hf, config)
+            return _finish_rules(hf, config, sentencepiece, cls)
         d = json.loads(hf.to_str())
-        model = d.get("model") or {}
-        if model.get("type") != "BPE":
-            raise TokenizerError(f"tokenizer_class {cls} needs a BPE tokenizer.json, got {model.get('type')}")
+        model = d["model"]
         pp = hf.post_processor
         file_added = d.get("added_tokens") or []
         hf = _bpe_from(model["vocab"], model.get("merges") or [])
@@ -195,6 +204,10 @@ def _apply_rules(hf, config: dict, sentencepiece: bool):
             for t in sorted(file_added, key=lambda t: t["id"]):
                 tok = _added_from_dict(t)
                 (hf.add_special_tokens if tok.special else hf.add_tokens)([tok])
+    return _finish_rules(hf, config, sentencepiece, cls)
+
+
+def _finish_rules(hf, config: dict, sentencepiece: bool, cls: str | None):
     # tokens the config lists, then its named special tokens (transformers adds both, in this order)
     have = {t.content for t in hf.get_added_tokens_decoder().values()}
     for _, t in _config_added_tokens(config):
