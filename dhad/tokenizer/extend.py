@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from dhad.tokenizer.core import Tokenizer, TokenizerError, _is_byte_piece, byte_level_decoder, merges_by_piece_id
+from dhad.tokenizer.core import Tokenizer, TokenizerError, byte_level_decoder, merges_by_piece_id
 
 # UTF-8 lead bytes 0xD8-0xDB encode exactly U+0600-U+06FF (the Arabic block).
 _ARABIC_LEAD_BYTES = frozenset(range(0xD8, 0xDC))
