@@ -495,3 +495,12 @@ def read_documents(inputs: Iterable[tuple[str, str]], stats: ReadStats, text_fie
             stats.skip("unsupported_format", f"{path} (structured data must be jsonl/json/csv/parquet)")
         else:
             yield from read_txt(path, source, stats, txt_mode, max_chars)
+
+
+def format_skips(verb: str, counts: dict, examples: dict, width: int = 24) -> list[str]:
+    """Report lines ``  <verb> <reason>  <count>   e.g. <first location>`` (one per reason)."""
+    out = []
+    for k, v in counts.items():
+        ex = (examples.get(k) or [""])[0]
+        out.append(f"  {verb} {k:<{width}}{v:>7}   e.g. {ex[:110]}")
+    return out
