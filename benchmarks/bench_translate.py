@@ -73,8 +73,8 @@ def main() -> int:
 
     import uvicorn
     from dhad.config import Config
-    from dhad.data.backends import EngineBackend, GenParams, OpenAIBackend
-    from dhad.data.translate import QualityConfig, TranslateConfig, translate_corpus
+    from dhad.synth.backends import EngineBackend, GenParams, OpenAIBackend
+    from dhad.synth.translate import QualityConfig, TranslateConfig, translate_corpus
     from dhad.engine import Engine
     from dhad.model import Transformer
     from dhad.serve.app import create_app

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dhad.data.backends import BackendUnavailable, GenParams
+from dhad.synth.backends import BackendUnavailable, GenParams
 from dhad.data.sft import row_to_messages
-from dhad.data.synth import SynthConfig, SynthError, detect_lang, is_refusal, synth
-from dhad.data.translate import sidecar
+from dhad.synth.synth import SynthConfig, SynthError, detect_lang, is_refusal, synth
+from dhad.synth.translate import sidecar
 from test_translate import FakeOpenAI, client, read_jsonl  # noqa: E402  (tests/ is on sys.path under pytest)
 
 EN_WORDS = "river bridge salt wool copper merchant city morning market harbour ship lantern road".split()
@@ -203,11 +203,11 @@ def test_bad_input(tmp_path):
 def test_selfchat_through_the_engine(tmp_path):
     import torch
     from dhad.config import Config
-    from dhad.data.backends import EngineBackend
+    from dhad.synth.backends import EngineBackend
     from dhad.model import Transformer
     from dhad.tokenizer import train_bpe
     torch.manual_seed(0)
-    from dhad.data.synth import ANSWER_SYSTEM, USER_SIM_SYSTEM
+    from dhad.synth.synth import ANSWER_SYSTEM, USER_SIM_SYSTEM
     texts = [" ".join(EN_WORDS) * 5, " ".join(AR_WORDS) * 5, *ANSWER_SYSTEM.values(), *USER_SIM_SYSTEM.values()]
     tok = train_bpe(texts * 3, vocab_size=512, min_frequency=1)
     model = Transformer(Config.from_name("tiny-llama")).init_weights(seed=0).eval()

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dhad.data.backends import BackendUnavailable, GenParams, OpenAIBackend
-from dhad.data.translate import (QualityConfig, TranslateConfig, TranslateError, chrf, recover_jsonl, repetition,
+from dhad.synth.backends import BackendUnavailable, GenParams, OpenAIBackend
+from dhad.synth.translate import (QualityConfig, TranslateConfig, TranslateError, chrf, recover_jsonl, repetition,
                                  script_ratio, sidecar, split_text, translate_corpus)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,8 +348,8 @@ def test_interrupted_and_resumed_in_process(tmp_path):
 
 KILL_SCRIPT = """
 import sys
-from dhad.data.backends import OpenAIBackend
-from dhad.data.translate import TranslateConfig, translate_corpus
+from dhad.synth.backends import OpenAIBackend
+from dhad.synth.translate import TranslateConfig, translate_corpus
 root, out, url = sys.argv[1:4]
 translate_corpus(TranslateConfig(inputs=["english"], out=out, data_root=root, source_quality={"english": "high"},
                                  max_chunk_chars=120, progress=False),
@@ -458,7 +458,7 @@ def test_request_errors_are_counted_and_retried_next_run(tmp_path):
 def test_backend_reports_malformed_and_gives_up(tmp_path):
     """A server whose every answer is malformed: counted per attempt, then the request fails."""
     import asyncio
-    from dhad.data.backends import RequestFailed
+    from dhad.synth.backends import RequestFailed
     with FakeOpenAI(faults=lambda key, attempt: "malformed_json" if attempt % 2 else "malformed_shape") as srv:
         be = client(srv.url, model="m", max_retries=2)
         with pytest.raises(RequestFailed, match="gave up after 3 attempts.*malformed"):
@@ -486,7 +486,7 @@ def tiny_model_and_tok():
 
 def test_engine_backend_equals_generate_and_resumes(tmp_path, tiny_model_and_tok):
     import asyncio
-    from dhad.data.backends import EngineBackend
+    from dhad.synth.backends import EngineBackend
     from dhad.generate import generate_text
     model, tok = tiny_model_and_tok
     be = EngineBackend(model, tok, max_batch_size=4)
@@ -523,7 +523,7 @@ def test_through_dhad_serve_equals_the_engine_backend(tmp_path, tiny_model_and_t
     gives the same translations as the in-process engine backend: the request body fits the server's
     strict schema and greedy decoding is the same path."""
     import httpx
-    from dhad.data.backends import EngineBackend
+    from dhad.synth.backends import EngineBackend
     from dhad.engine import Engine
     from dhad.serve.app import create_app
     model, tok = tiny_model_and_tok
@@ -583,8 +583,7 @@ def test_real_parallel_pairs(tmp_path, shared_data):
 def test_cli_functions(tmp_path, capsys):
     import argparse
     from dhad.cli import CLIError
-    from dhad.data.synth import add_synth_arguments, run_synth
-    from dhad.data.translate import add_translate_arguments, run_translate
+    from dhad.synth.cli import add_synth_arguments, add_translate_arguments, run_synth, run_translate
     root = tmp_path / "data"
     make_corpus(root)
     tp, sp = argparse.ArgumentParser(), argparse.ArgumentParser()
