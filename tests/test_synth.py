@@ -198,6 +198,26 @@ def test_bad_input(tmp_path):
     finally:
         sink.close()
     assert read_jsonl(tmp_path / "o.jsonl") == []
+    rep = json.loads(sidecar(tmp_path / "o.jsonl", "report.json").read_text())   # a stopped run keeps its counts
+    assert rep["status"] == "stopped" and "never answered" in rep["error"] and rep["seeds"]["used"] == 12
+
+
+def test_rows_record_the_model_id_the_endpoint_resolved(tmp_path):
+    """`dhad data synth --endpoint URL` without --teacher-model: rows and report name the model GET /models
+    gave, not the URL."""
+    import argparse
+    from dhad.synth.cli import add_synth_arguments, run_synth
+    root = tmp_path / "data"
+    make_seeds(root)
+    out = tmp_path / "s.jsonl"
+    sp = argparse.ArgumentParser()
+    add_synth_arguments(sp)
+    with FakeOpenAI(answer=fake_teacher, faults=None) as srv:
+        assert run_synth(sp.parse_args(["--data", str(root / "seeds" / "en.jsonl"), "--out", str(out),
+                                        "--endpoint", srv.url, "--no-progress", "--limit", "3"])) == 0
+    rows = sum(all_rows(out), [])
+    assert len(rows) == 3 and {r["teacher"] for r in rows} == {"fake-teacher"}
+    assert json.loads(sidecar(out, "report.json").read_text())["teacher"] == "fake-teacher"
 
 
 def test_selfchat_through_the_engine(tmp_path):
