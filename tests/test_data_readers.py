@@ -283,3 +283,123 @@ def _utf8(b: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the pipelines: `dhad data prepare | sft | prefs` on arbitrary rows — no exception but NoInput
+# (nothing written, no folder left), and every line is a read skip, a row drop, or in the shards
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from dhad.tokenizer import train_bpe
+    words = "the river city old market bridge salt النهر المدينة السوق الجسر a b c 1 2 3".split()
+    texts = [" ".join(words[(i * 7 + k) % len(words)] for k in range(12)) for i in range(200)]
+    d = tmp_path_factory.mktemp("tok")
+    train_bpe(texts, 300, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+              chat_template="chatml").save(d)
+    return str(d)
+
+
+PIPE = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+msg_st = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot"]), "content": nasty_text})
+sft_row = st.one_of(
+    st.fixed_dictionaries({"instruction": nasty_text, "output": nasty_text},
+                          optional={"input": json_values, "system": json_values}),
+    st.fixed_dictionaries({"messages": st.lists(msg_st, max_size=4)}),
+    st.fixed_dictionaries({"conversations": st.lists(st.fixed_dictionaries(
+        {"from": st.sampled_from(["human", "gpt", "x"]), "value": nasty_text}), max_size=4)}),
+    json_values)
+pref_row = st.one_of(
+    st.fixed_dictionaries({"prompt": nasty_text | st.lists(msg_st, max_size=3), "chosen": nasty_text | json_values,
+                           "rejected": nasty_text | st.lists(msg_st, max_size=3)}),
+    st.fixed_dictionaries({"chosen": nasty_text | st.lists(msg_st, max_size=3),
+                           "rejected": nasty_text | st.lists(msg_st, max_size=3)}),
+    json_values)
+
+
+def write_lines(path, items) -> int:
+    raw = [x if isinstance(x, bytes) else encode_row(*x) for x in items]
+    path.write_bytes(b"\n".join(raw) + (b"\n" if raw else b""))
+    return len(raw)
+
+
+def clean(s) -> bool:
+    """A string the pipelines must keep: non-blank, valid Unicode."""
+    return isinstance(s, str) and bool(s.strip()) and valid_text({"text": s}) is not None
+
+
+def run_or_noinput(fn, cfg, out):
+    from dhad.data.readers import NoInput
+    try:
+        return fn(cfg)
+    except NoInput:
+        assert not out.exists()          # a run that read nothing leaves no (empty) output folder behind
+        return None
+
+
+@PIPE
+@given(st.lists(st.one_of(st.tuples(sft_row, st.booleans()), line_st), max_size=12))
+def test_sft_any_rows(tok_dir, tmp_path_factory, items):
+    from dhad.data.shards import ShardSet
+    from dhad.data.sft import SFTConfig, prepare_sft
+    d = tmp_path_factory.mktemp("sft")
+    n = write_lines(d / "rows.jsonl", items)
+    good = sum(1 for x in items if isinstance(x, tuple) and isinstance(x[0], dict) and clean(x[0].get("instruction"))
+               and clean(x[0].get("output")) and valid_text({**x[0], "text": "t"}) is not None)
+    out = d / "out" / "sft"
+    r = run_or_noinput(prepare_sft, SFTConfig(inputs=[str(d / "rows.jsonl")], tokenizer=tok_dir, out=str(out),
+                                              chat_format="chatml", packed=False, progress=False), out)
+    if r is None:
+        assert good == 0
+        return
+    inp = r["inputs"]
+    assert inp["records"] + sum(inp["skipped"].values()) == n
+    assert r["rows"] == {"read": inp["records"], "used": r["rows"]["used"], "dropped": sum(r["dropped"].values())}
+    assert r["rows"]["read"] == r["rows"]["used"] + r["rows"]["dropped"] and r["rows"]["used"] >= good
+    assert sum(ShardSet.open(out, s).n_rows for s in ("train", "validation")) == r["rows"]["used"]
+
+
+@PIPE
+@given(st.lists(st.one_of(st.tuples(pref_row, st.booleans()), line_st), max_size=12))
+def test_prefs_any_rows(tok_dir, tmp_path_factory, items):
+    from dhad.data.prefs import PrefsConfig, prepare_prefs
+    from dhad.data.shards import PrefsSet
+    d = tmp_path_factory.mktemp("prefs")
+    n = write_lines(d / "rows.jsonl", items)
+    good = sum(1 for x in items if isinstance(x, tuple) and isinstance(x[0], dict)
+               and all(clean(x[0].get(k)) for k in ("prompt", "chosen", "rejected"))
+               and x[0]["chosen"].strip() != x[0]["rejected"].strip())
+    out = d / "out"
+    r = run_or_noinput(prepare_prefs, PrefsConfig(inputs=[str(d / "rows.jsonl")], tokenizer=tok_dir, out=str(out),
+                                                  chat_format="chatml", max_len=None), out)
+    if r is None:
+        assert good == 0
+        return
+    inp = r["inputs"]
+    assert inp["records"] + sum(inp["skipped"].values()) == n
+    assert r["rows"]["read"] == inp["records"] == r["rows"]["used"] + r["rows"]["dropped"]
+    assert r["rows"]["used"] >= good
+    assert sum(len(PrefsSet.open(out, s)) for s in ("train", "validation")) == r["rows"]["used"]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.tuples(rows, st.booleans()), line_st), max_size=10))
+def test_prepare_any_rows(tok_dir, tmp_path_factory, items):
+    from dhad.data.filters import FilterConfig
+    from dhad.data.prepare import PrepareConfig, prepare
+    from dhad.data.shards import ShardSet
+    d = tmp_path_factory.mktemp("pre")
+    n = write_lines(d / "rows.jsonl", items)
+    good = sum(1 for x in items if isinstance(x, tuple) and valid_text(x[0]) is not None)
+    out = d / "out"
+    r = run_or_noinput(prepare, PrepareConfig(inputs=[str(d / "rows.jsonl")], tokenizer=tok_dir, out=str(out),
+                                              workers=1, progress=False, val_fraction=0.3,
+                                              filters=FilterConfig(min_words=1)), out)
+    if r is None:
+        assert good == 0
+        return
+    inp = r["inputs"]
+    assert inp["records"] + sum(inp["skipped"].values()) == n
+    assert sum(v["docs"] for v in r["rules"].values()) == r["documents"] >= inp["records"]
+    kept = r["rules"].get("kept", {}).get("docs", 0)
+    assert sum(ShardSet.open(out, s).n_docs for s in ("train", "validation")) == kept
