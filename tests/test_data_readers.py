@@ -50,7 +50,8 @@ def test_lone_surrogate_row_is_counted_where_it_is(tmp_path):
         assert [d.origin.rsplit(":", 1)[1] for d in docs] == ["1", "4"]
         assert stats.skipped == {"invalid_utf8": 2}
         assert stats.examples["invalid_utf8"] == [f"{f}:2 (lone surrogate in text)",
-                                                  f"{f}:3 (lone surrogate in meta.k\udfff (key))"]
+                                                  f"{f}:3 (lone surrogate in meta.k\\udfff (key))"]
+        json.dumps(stats.to_dict(), ensure_ascii=False).encode("utf-8")   # the report can be written and printed
     assert docs[1].row["text"] == "pair \U0001F600 ok"
 
 

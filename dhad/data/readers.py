@@ -78,8 +78,8 @@ class ReadStats:
     def skip(self, reason: str, where: str, max_examples: int = 5) -> None:
         self.skipped[reason] += 1
         ex = self.examples.setdefault(reason, [])
-        if len(ex) < max_examples:
-            ex.append(where)
+        if len(ex) < max_examples:  # printable and JSON-writable even when it quotes a lone surrogate
+            ex.append(where.encode("utf-8", "backslashreplace").decode("utf-8"))
 
     def merge(self, other: "ReadStats") -> None:
         self.files += other.files
