@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from dhad.prompts import CHATML_TEMPLATE
 from dhad.tokenizer import (
+    ENDOFTEXT,
     ArabicNormalization,
     Source,
     Tokenizer,
@@ -452,6 +453,28 @@ def test_bos_from_the_post_processor(fixtures_dir, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": False}), encoding="utf-8")
     ours, ref = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
     assert ours.encode("Hello", add_special_tokens=True) == ref("Hello")["input_ids"] == [128000, 9906]
+
+
+def test_jais_style_gpt2_bpe_matches_transformers(tmp_path):
+    """A Jais-family-style tokenizer: GPT-2 byte-level BPE (GPT-2's own pre-tokenizer regex), <|endoftext|> as
+    bos/eos/pad/unk, PreTrainedTokenizerFast, no BOS added."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    hf = HF(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator((AR + EN) * 20, trainers.BpeTrainer(vocab_size=600, special_tokens=[ENDOFTEXT],
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT,
+        "pad_token": ENDOFTEXT, "unk_token": ENDOFTEXT, "clean_up_tokenization_spaces": False}))
+    ours, ref = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (0, 0, 0)
+    assert ours.encode("كتب", add_special_tokens=True) == ours.encode("كتب")
+    _agree(ours, ref, HARD + AR + EN)
 
 
 @pytest.fixture(scope="session")
