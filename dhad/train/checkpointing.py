@@ -132,6 +132,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+KERNEL_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how AdamW runs, not what it computes
+
+
 def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict:
     """Restore model, optimizer and this rank's RNG from `path`; returns its meta.json."""
     path = Path(path)
@@ -149,6 +152,11 @@ def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict:
     # exactly the set that had state when saved (a checkpoint from a frozen-backbone stage has none for
     # the backbone, a later one has it for all), then restore the caller's requires_grad flags.
     flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    # Loading puts the saved param_groups back, and with them the saving run's AdamW kernel choice
+    # (fused for plain tensors, foreach for FSDP's DTensors): keep this run's (an FSDP checkpoint
+    # resumed on one process would otherwise run foreach while the loop hands the step a fused-only
+    # grad_scale).
+    kernel = {k: optimizer.defaults[k] for k in KERNEL_KEYS if k in optimizer.defaults}
     if "optim_params" in meta:
         had = set(meta["optim_params"])
         for n, p in m.named_parameters():
@@ -161,6 +169,8 @@ def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict:
             dcp.load(sd, checkpoint_id=str(path / "train_state"))
         set_state_dict(m, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     finally:
+        for g in optimizer.param_groups:  # the kernel is this run's choice, not the saving run's
+            g.update(kernel)
         for n, p in m.named_parameters():
             p.requires_grad_(flags[n])
     rng = path / "rng" / f"rank_{env.rank:05d}.json"

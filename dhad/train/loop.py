@@ -286,7 +286,8 @@ def train_step(model, objective: Objective, batches: list[dict], optimizer, env:
         params = params if params is not None else list(D.unwrap(model).parameters())
         with_grad = [p for p in params if p.grad is not None]
         grads = [p.grad for p in with_grad]
-        if optimizer.defaults.get("fused") and grads and not any(hasattr(g, "full_tensor") for g in grads):
+        fused = all(g.get("fused") for g in optimizer.param_groups)
+        if fused and grads and not any(hasattr(g, "full_tensor") for g in grads):
             gn = _clip_into_fused_step(optimizer, grads, clip)
         else:
             gn = torch.nn.utils.clip_grad_norm_(with_grad, clip)
