@@ -45,7 +45,7 @@ import torch
 import yaml
 from torch import nn
 
-from dhad.config import Config
+from dhad.config import Config, ConfigError
 from dhad.data.shards import ShardSet, tokenizer_hash
 from dhad.model import Transformer
 from dhad.train import distributed as D
@@ -131,21 +131,24 @@ def build_model(recipe: Recipe) -> Transformer:
     if m.preset:
         try:
             cfg = Config.from_name(m.preset, **m.overrides)
-        except TypeError as e:
+        except (TypeError, ConfigError) as e:
             raise RecipeError(f"model.overrides: {e}") from None
         if m.meta_init:
             with torch.device("meta"):
                 return Transformer(cfg)
         return Transformer(cfg).init_weights(recipe.seed)
-    from dhad.checkpoint import load_config, load_model
+    from dhad.checkpoint import CheckpointError, load_config, load_model
     p = Path(m.init_from)
     if not p.is_dir():
         raise TrainError(f"model.init_from: {p} is not a directory")
-    if m.meta_init:
-        with torch.device("meta"):
-            model = Transformer(load_config(p))
-    else:
-        model = load_model(p, dtype="float32", device="cpu")
+    try:
+        if m.meta_init:
+            with torch.device("meta"):
+                model = Transformer(load_config(p))
+        else:
+            model = load_model(p, dtype="float32", device="cpu")
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        raise TrainError(f"model.init_from: {e}") from None
     if m.overrides:
         # Only fields that change no tensor shape may be overridden on a trained model.
         ok = {"block_size", "rope_scaling", "alibi_scaling", "rope_theta", "bos_token_id", "eos_token_id",
@@ -153,7 +156,10 @@ def build_model(recipe: Recipe) -> Transformer:
         bad = sorted(set(m.overrides) - ok)
         if bad:
             raise RecipeError(f"model.overrides: {bad} would change the shape of a trained model; allowed: {sorted(ok)}")
-        model.config = model.config.replace(**m.overrides)
+        try:
+            model.config = model.config.replace(**m.overrides)
+        except ConfigError as e:
+            raise RecipeError(f"model.overrides: {e}") from None
     return model
 
 
