@@ -204,6 +204,9 @@ def test_cli_check_prints_the_plan_and_bad_recipes_exit_2(capsys, tmp_path):
     assert main(["train", "--recipe", "tiny-allam-2-pretrain", "--check"]) == 0
     out = capsys.readouterr().out
     assert "stage english " in out and "stage english-arabic" in out and "103 steps" in out
+    assert main(["train", "--recipe", "tiny-jais-family-pretrain", "--check"]) == 0  # a context schedule
+    out = capsys.readouterr().out
+    assert "tokens (1 process)" in out and "seq_len    128" in out and "from shards" not in out
     assert main(["train", "--recipe", "no-such-recipe"]) == 2
     assert "recipe not found: no-such-recipe" in capsys.readouterr().err
     bad = tmp_path / "r.yaml"
