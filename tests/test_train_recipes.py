@@ -219,3 +219,11 @@ def test_measured_peak_is_a_matmul_rate():
     from dhad.train.metrics import measure_peak_flops
     f = measure_peak_flops("cpu", torch.float32, n=256, seconds=0.05)
     assert 1e8 < f < 1e14  # between 0.1 GFLOP/s and 100 TFLOP/s on any CPU
+
+
+def test_bad_model_overrides_name_the_field():
+    from dhad.train.loop import build_model
+    r = parse_recipe({"type": "pretrain", "model": {"preset": "tiny-jais", "overrides": {"block_size": -1}},
+                      "data": {"sources": {"en": "x"}}, "schedule": {"total_steps": 2}, "batch": {"seq_len": 8}})
+    with pytest.raises(RecipeError, match=r"model\.overrides: config\.block_size: must be a positive integer, got -1"):
+        build_model(r)
