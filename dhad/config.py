@@ -149,13 +149,38 @@ class Config:
     def __post_init__(self):
         """Check every field's type and range (a ConfigError names the field and the value), then fill
         the derived defaults."""
+        def need(f, ok, problem, optional=False, to=None):
+            v = getattr(self, f)
+            if v is None and optional:
+                return
+            if not ok(v):
+                raise ConfigError(problem + (" (or null)" if optional else ""), f, v)
+            if to is not None:
+                setattr(self, f, to(v))
+
         for f in ("vocab_size", "n_layer", "n_embd", "n_head", "block_size"):
-            self._check(f, _is_int, "must be a positive integer", lambda v: v >= 1)
+            need(f, _pos_int, POS_INT, to=int)
         for f in ("n_kv_head", "n_inner"):
-            self._check(f, _is_int, "must be a positive integer (or null)", lambda v: v >= 1, optional=True)
-        for f in ("vocab_size", "n_layer", "n_embd", "n_head", "block_size", "n_kv_head", "n_inner"):
-            if getattr(self, f) is not None:
-                setattr(self, f, int(getattr(self, f)))
+            need(f, _pos_int, POS_INT, optional=True, to=int)
+        for f in ("norm_eps", "rope_theta"):
+            need(f, _pos_num, POS_NUM, to=float)
+        for f in ("embedding_scale", "logits_scale", "attn_scale_power", "initializer_range"):
+            need(f, _is_num, NUM, to=float)
+        for f in ("mup_width_scale", "mup_output_alpha"):
+            need(f, _pos_num, POS_NUM, optional=True, to=float)
+        for f in ("bias", "tie_embeddings"):
+            need(f, _is_bool, BOOL)
+        for f in ("bos_token_id", "pad_token_id"):
+            need(f, lambda v: _is_int(v) and v >= 0, "must be a token id (an integer >= 0)", optional=True)
+        need("eos_token_id", lambda v: (_is_int(v) and v >= 0) or (isinstance(v, list) and v and all(
+            _is_int(x) and x >= 0 for x in v)), "must be a token id or a list of token ids", optional=True)
+        for f, allowed in (("norm", ("layernorm", "rmsnorm")), ("position", ("alibi", "rope", "learned")),
+                           ("mlp", ("swiglu_jais", "gated", "gelu")), ("jais_key_style", ("mup", "legacy")),
+                           ("hf_layout", ("jais", "llama", None))):
+            need(f, lambda v: v in allowed, f"must be one of {list(allowed)}")
+        need("name", _is_str, "must be a string", optional=True)
+        _check_scaling("rope_scaling", self.rope_scaling)
+        _check_scaling("alibi_scaling", self.alibi_scaling)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_inner is None:
@@ -164,42 +189,8 @@ class Config:
             raise ConfigError(f"must be divisible by n_head ({self.n_head})", "n_embd", self.n_embd)
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"must be divisible by n_kv_head ({self.n_kv_head})", "n_head", self.n_head)
-        for f in ("norm_eps", "rope_theta"):
-            self._check(f, _is_num, "must be a positive number", lambda v: v > 0)
-        for f in ("embedding_scale", "logits_scale", "attn_scale_power", "initializer_range"):
-            self._check(f, _is_num, "must be a finite number")
-        for f in ("mup_width_scale", "mup_output_alpha"):
-            self._check(f, _is_num, "must be a positive number (or null)", lambda v: v > 0, optional=True)
-        for f in ("norm_eps", "rope_theta", "embedding_scale", "logits_scale", "attn_scale_power",
-                  "initializer_range", "mup_width_scale", "mup_output_alpha"):
-            if getattr(self, f) is not None:
-                setattr(self, f, float(getattr(self, f)))
-        for f in ("bias", "tie_embeddings"):
-            self._check(f, lambda v: isinstance(v, bool), "must be true or false")
-        for f, allowed in (("norm", ("layernorm", "rmsnorm")), ("position", ("alibi", "rope", "learned")),
-                           ("mlp", ("swiglu_jais", "gated", "gelu")), ("jais_key_style", ("mup", "legacy")),
-                           ("hf_layout", ("jais", "llama", None))):
-            if getattr(self, f) not in allowed:
-                raise ConfigError(f"must be one of {list(allowed)}", f, getattr(self, f))
-        for f in ("bos_token_id", "pad_token_id"):
-            self._check(f, _is_int, "must be a token id (an integer >= 0) or null", lambda v: v >= 0, optional=True)
-        eos = self.eos_token_id
-        if eos is not None and not (_is_int(eos) and eos >= 0) and not (
-                isinstance(eos, list) and eos and all(_is_int(x) and x >= 0 for x in eos)):
-            raise ConfigError("must be a token id, a list of token ids, or null", "eos_token_id", eos)
-        _check_scaling("rope_scaling", self.rope_scaling)
-        _check_scaling("alibi_scaling", self.alibi_scaling)
-        if self.name is not None and not isinstance(self.name, str):
-            raise ConfigError("must be a string or null", "name", self.name)
         if self.hf_layout is None:
             self.hf_layout = "llama" if (self.position == "rope" and self.mlp == "gated") else "jais"
-
-    def _check(self, field, kind, problem, ok=lambda v: True, optional=False):
-        v = getattr(self, field)
-        if v is None and optional:
-            return
-        if not kind(v) or not ok(v):
-            raise ConfigError(problem, field, v)
 
     # -- derived sizes ---------------------------------------------------------------------
     @property
