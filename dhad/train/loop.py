@@ -20,6 +20,10 @@ Design choices (nanoGPT's loop, torchtitan's parallelism, Megatron's data blendi
   parameters without a gradient (no moment update, no weight decay), so the backbone stays
   bit-identical. DDP is rebuilt at a stage change (it fixes its parameter set when built); FSDP2
   follows requires_grad per step.
+- Clock-driven runs (`schedule.seconds`): the run ends (final evaluation, checkpoint, model, as at
+  its last step) once that much training wall time is spent, the learning rate following
+  `lr_at_time` (warmup-stable-decay on the clock); total_steps only caps it. The seconds spent are
+  saved with every checkpoint, so a resumed run continues the same clock.
 - Stops cleanly: SIGTERM/SIGINT set a flag; after the current step every process checkpoints and
   the run returns `interrupted` (the CLI exits 128 + signal number). `resume=True` restores model,
   optimizer, RNG and the data position, so the loss sequence continues exactly.
@@ -56,7 +60,7 @@ from dhad.train.metrics import MetricsLogger, measure_peak_flops, truncate_after
 from dhad.train.objectives import Objective, get_objective
 from dhad.train.optim import build_optimizer, set_lr
 from dhad.train.recipe import Recipe, RecipeError, format_tokens, load_recipe
-from dhad.train.schedule import build_plan, lr_at
+from dhad.train.schedule import build_plan, lr_at, lr_at_time
 from dhad.utils import tune_malloc
 
 
@@ -75,6 +79,7 @@ class TrainResult:
     interrupted: bool = False
     signal: int | None = None
     timed_out: bool = False  # stopped by max_seconds
+    train_seconds: float = 0.0  # training wall seconds in total (all sessions), for clock-driven runs
     checkpoint: Path | None = None
     mixture: dict = field(default_factory=dict)
     plan: list = field(default_factory=list)
@@ -396,7 +401,7 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
         return contextlib.nullcontext()
 
     # -- resume ---------------------------------------------------------------------------------
-    start = 0
+    start, trained_s = 0, 0.0  # trained_s: training wall seconds before this session (clock-driven runs)
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
         ck = latest_checkpoint(run_dir)
@@ -408,6 +413,7 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
         except (CheckpointError, KeyError, ValueError) as e:
             raise TrainError(f"cannot resume from {ck}: {e}") from None
         start = int(meta["step"])
+        trained_s = float(meta.get("train_seconds", 0.0))
         if meta.get("plan") and meta["plan"] != [_seg_key(s) for s in plan.segments if s.start < start]:
             if env.is_main:
                 print(f"warning: the recipe's plan for steps < {start} differs from the checkpoint's; "
@@ -426,7 +432,8 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
     D.barrier(env)
 
     peak = recipe.peak_flops or measure_peak_flops(env.device, torch.bfloat16 if use_bf16 else torch.float32)
-    log = MetricsLogger(metrics_path, plan.total_steps, start, progress, enabled=env.is_main,
+    timed = recipe.schedule.seconds  # clock-driven: the run ends when these training seconds are spent
+    log = MetricsLogger(metrics_path, None if timed else plan.total_steps, start, progress, enabled=env.is_main,
                         desc=recipe.name or recipe.type)
     log.log({"event": "resume" if resume else "start", "step": start, "total_steps": plan.total_steps,
              "world_size": env.world_size, "strategy": strategy, "precision": recipe.precision,
@@ -437,7 +444,8 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
 
     def checkpoint(step):
         meta = {"data": mixture.state_dict(), "plan": [_seg_key(s) for s in plan.segments if s.start < step],
-                "tokens": plan.tokens_before(step), "recipe": recipe.to_dict(), "mixture": mixture.report()}
+                "tokens": plan.tokens_before(step), "recipe": recipe.to_dict(), "mixture": mixture.report(),
+                "train_seconds": time.perf_counter() - clock0}
         return save_checkpoint(run_dir, step, wrapped, optimizer, meta, env, recipe.keep_checkpoints)
 
     def run_eval(step):
@@ -458,6 +466,7 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
     # -- steps ----------------------------------------------------------------------------------
     step = last_logged = start
     t_last, tok_last, t0 = time.perf_counter(), plan.tokens_before(start), time.perf_counter()
+    clock0, dt_step = t0 - trained_s, 0.0  # the clock-driven schedule's origin; the last step's seconds
     params = [p for p in D.unwrap(wrapped).parameters()]
     with StopSignal() as sig:
         while step < plan.total_steps:
@@ -471,14 +480,21 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
                 log.log({"event": "stage", "step": step, "stage": st.name, "trainable": st.trainable,
                          "mixture": mixture.report()})  # tokens seen per stage and source so far
                 log.write(f"step {step}: stage {st.name} (trainable: {st.trainable})")
-            lr = lr_at(step, recipe.optimizer.lr, recipe.schedule.warmup_steps, plan.total_steps,
-                       recipe.schedule.min_lr, recipe.schedule.decay)
+            t_step = time.perf_counter()
+            if timed:  # rank 0's clock decides, so every rank uses the same rate
+                sc = recipe.schedule
+                lr = D.broadcast_object(lr_at_time(step, t_step - clock0, timed, recipe.optimizer.lr,
+                                                   sc.warmup_steps, sc.min_lr, sc.decay, sc.decay_fraction), env)
+            else:
+                lr = lr_at(step, recipe.optimizer.lr, recipe.schedule.warmup_steps, plan.total_steps,
+                           recipe.schedule.min_lr, recipe.schedule.decay)
             set_lr(optimizer, lr)
             sb = mixture.next_step(env.rank, env.world_size)
             batches = [objective.collate(items, env.device) for items in sb.micro]
             loss, gn = train_step(wrapped, objective, batches, optimizer, env, strategy, autocast,
                                   recipe.clip_grad, params)
             step += 1
+            dt_step = time.perf_counter() - t_step
             result.losses.append((step, loss))
             if not math.isfinite(loss):
                 log.write(f"step {step}: loss is {loss}; stopping (checkpoint kept from before)")
@@ -502,6 +518,9 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             out_of_time = max_seconds is not None and D.any_flag(  # rank 0's clock decides for all
                 env.is_main and time.perf_counter() - t0 >= max_seconds, env)
+            # clock-driven: end at the step whose end is nearest to the time budget
+            time_up = bool(timed) and D.any_flag(
+                env.is_main and time.perf_counter() - clock0 + 0.5 * dt_step >= timed, env)
             stop_now = D.any_flag(sig.stop, env) or out_of_time or (stop_at is not None and step >= stop_at)
             periodic = recipe.checkpoint_every and step % recipe.checkpoint_every == 0
             if (periodic or stop_now) and step < plan.total_steps:
@@ -514,8 +533,12 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
                           + (f" (time budget of {max_seconds:g} s)" if result.timed_out else "")
                           + f"; resume with --resume from {result.checkpoint}")
                 break
+            if time_up:
+                log.write(f"step {step}: {timed:g} s of training spent; the run ends here")
+                break
 
     result.step = step
+    result.train_seconds = time.perf_counter() - clock0
     result.model = D.unwrap(wrapped)
     result.mixture = mixture.report()
     if not result.interrupted:
