@@ -158,19 +158,18 @@ def stage_plan(run, markers: dict) -> dict:
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         # Threads: on a machine shared with other jobs, OpenMP threads that wait for each other can be
-        # slower than one thread; measure both on a small size and keep the faster for the whole run.
+        # slower than one thread; measure both on a small size (in the likelier precision: the ladder
+        # compares precisions) and keep the faster for the whole run.
         probe_size = size or LADDER[0]
-        by_threads, results = {}, {}
+        by_threads = {}
         for n in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(n)
-            results[n] = {prec: measure(probe_size, prec) for prec in precisions}
-            by_threads[n] = max(results[n].values())
+            by_threads[n] = measure(probe_size, precisions[-1])
         threads = max(by_threads, key=by_threads.get)
         torch.set_num_threads(threads)
         measured["threads"] = {str(k): v for k, v in by_threads.items()}
-        measured["probes"] = {probe_size.name: results[threads]}
         run.say("  threads: " + ", ".join(f"{k}: {v:,.0f} tok/s" for k, v in by_threads.items())
-                + f" ({probe_size.name}) -> {threads}")
+                + f" ({probe_size.name}, {precisions[-1]}) -> {threads}")
 
     def probe(s: Size) -> float:
         if s.name not in measured.get("probes", {}):
