@@ -381,3 +381,43 @@ def test_bench_limit_is_the_largest_that_fits():
     assert bench_limit([3, 10, 100], 2, 5.0, 0.01, 1.0) == 100  # everything (113 examples, 4.26 s) fits
     assert bench_limit([3, 10, 100], 2, 2.1, 0.01, 1.0) == 1  # L = 2 would be 6 examples, 2.12 s
     assert bench_limit([3, 10, 100], 2, 1.9, 0.01, 1.0) == 0  # not even the fixed cost
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers: the speedrun is the top; the pieces it moved into the library point down
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out |= {node.module} | ({f"dhad.{a.name}" for a in node.names} if node.module == "dhad" else set())
+    return out
+
+
+def _under(mods: set[str], *prefixes: str) -> set[str]:
+    return {m for m in mods if any(m == p or m.startswith(p + ".") for p in prefixes)}
+
+
+DHAD = Path(S.__file__).resolve().parents[1]
+
+
+def test_nothing_below_the_speedrun_imports_it():
+    below = [p for p in DHAD.rglob("*.py") if "speedrun" not in p.relative_to(DHAD).parts]
+    assert below and {str(p.relative_to(DHAD)): _under(_imports(p), "dhad.speedrun") for p in below
+                      if _under(_imports(p), "dhad.speedrun")} == {}
+
+
+def test_moved_pieces_point_down():
+    assert _under(_imports(DHAD / "evaluate" / "bpb.py"), "dhad.train", "dhad.speedrun", "dhad.serve") == set()
+    assert _under(_imports(DHAD / "evaluate" / "ngram.py"), "dhad.train", "dhad.speedrun", "dhad.model") == set()
+    assert _under(_imports(DHAD / "train" / "probe.py"), "dhad.speedrun", "dhad.serve", "dhad.evaluate") == set()
+    assert _under(_imports(DHAD / "data" / "sample.py"), "dhad.model", "dhad.train", "dhad.evaluate",
+                  "dhad.speedrun") == set()
+    # only the command module parses arguments and raises CLIError
+    lib = [p for p in (DHAD / "speedrun").glob("*.py") if p.name != "cli.py"]
+    assert lib and [p.name for p in lib if _under(_imports(p), "dhad.cli")] == []
+    assert not (DHAD / "report.py").exists() and not (DHAD / "speedrun.py").exists()  # one place, no cycle
