@@ -65,7 +65,7 @@ ESTIMATED = {"plan": (0.02, 0.0), "tokenizer": (0.01, 0.0), "data": (0.025, 0.0)
 # after training: the check (fixed work), evaluation (fills the time the report leaves it: the
 # benchmarks' --limit is scaled to it) and the report
 RESERVED = {"check": (0.015, 3.0), "eval": (0.04, 8.0), "report": (0.008, 3.0)}
-EXIT_S = 1.5  # the interpreter's exit after the report (measured: < 1 s)
+EXIT_S = 4.0  # the interpreter's exit after the report (measured at the end of 3-minute runs: 2-7 s)
 MIN_TRAIN_SHARE = 0.25  # a training stage never gets less than this part of its share of the whole budget
 
 
@@ -151,9 +151,9 @@ def stage_plan(run, markers: dict) -> dict:
     precisions = ("fp32", "bf16") if (dev.type == "cuda" or cpu_has_bf16()) else ("fp32",)
     steps = 1 if cfg.ci else 2
 
-    def measure(s: Size, prec: str) -> float:
+    def measure(s: Size, prec: str, n: int = steps) -> float:
         return measure_train_tps(size_config(s, arch, max(seq_pre, 512)), seq_pre, probe_batch, prec, dev,
-                                 steps=steps)
+                                 steps=n)
 
     threads = torch.get_num_threads()
     if dev.type == "cpu":
@@ -164,17 +164,19 @@ def stage_plan(run, markers: dict) -> dict:
         by_threads = {}
         for n in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(n)
-            by_threads[n] = measure(probe_size, precisions[-1])
+            by_threads[n] = measure(probe_size, precisions[-1], 1)  # one timed step: a slow count is slow
         threads = max(by_threads, key=by_threads.get)
         torch.set_num_threads(threads)
         measured["threads"] = {str(k): v for k, v in by_threads.items()}
+        measured["probes"] = {probe_size.name: {precisions[-1]: by_threads[threads]}}
         run.say("  threads: " + ", ".join(f"{k}: {v:,.0f} tok/s" for k, v in by_threads.items())
                 + f" ({probe_size.name}, {precisions[-1]}) -> {threads}")
 
     def probe(s: Size) -> float:
-        if s.name not in measured.get("probes", {}):
-            measured.setdefault("probes", {})[s.name] = {prec: measure(s, prec) for prec in precisions}
-        res = measured["probes"][s.name]
+        res = measured.setdefault("probes", {}).setdefault(s.name, {})
+        for prec in precisions:
+            if prec not in res:
+                res[prec] = measure(s, prec)
         run.say(f"  probe {s.name} (n_embd {s.n_embd}, {s.n_layer} layers, vocab {s.vocab}): "
                 + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in res.items()))
         return max(res.values())
