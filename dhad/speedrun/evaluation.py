@@ -221,7 +221,7 @@ def _benchmarks(run, models: dict, deadline: float) -> tuple[dict, dict]:
     """The cards' benchmarks on `models` ({label: (model, tokenizer)}), with the largest --limit whose
     estimated time fits before `deadline`: a first pass with --limit 1 on the last model measures the
     seconds per example and the fixed cost of a pass (loading the tasks, building requests); the rows per
-    subtask give the examples of any limit; every model then runs with the limit that fits in 75% of
+    subtask give the examples of any limit; every model then runs with the limit that fits in 80% of
     what is left. Returns (results by label, how the limit was chosen)."""
     from dhad.evaluate.runner import evaluate
     tasks = list(run.plan["bench_tasks"])
@@ -242,7 +242,7 @@ def _benchmarks(run, models: dict, deadline: float) -> tuple[dict, dict]:
     fixed = max(per_model_1 - first["time"]["score_seconds"], 0.0)  # loading tasks, building requests
     sizes = group_sizes(tasks, run.data)
     left = deadline - time.time()
-    limit = bench_limit(sizes, len(labels), 0.75 * left, per_ex, fixed)
+    limit = bench_limit(sizes, len(labels), 0.8 * left, per_ex, fixed)
     info = {"calibration": {"limit": 1, "examples": first["time"]["examples"], "seconds": per_model_1,
                             "seconds_per_example": per_ex}, "seconds_left": left,
             "examples_per_model": sum(min(max(limit, 1), n) for n in sizes)}
