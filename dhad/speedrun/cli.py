@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -59,4 +60,8 @@ def run(args) -> int:
     chk = res.get("check")
     if chk is not None and not chk.get("passed"):
         print("warning: the script check failed (see the report)", file=sys.stderr)
+    # The process ends here: the interpreter's teardown of torch and the ~2,000 modules a run loads spends
+    # its time in garbage collection (measured on the loaded 2-core machine: 5.5 s, 1.1 s after freezing
+    # what exists); everything the run wrote is closed and renamed into place already.
+    gc.freeze()
     return 0
