@@ -64,7 +64,7 @@ TRAIN_WEIGHTS = {"jais": {"pretrain": 0.50, "sft": 0.16, "dpo": 0.06},
 ESTIMATED = {"plan": (0.02, 0.0), "tokenizer": (0.01, 0.0), "data": (0.025, 0.0), "baseline": (0.012, 1.0)}
 # after training: the check (fixed work), evaluation (fills the time the report leaves it: the
 # benchmarks' --limit is scaled to it) and the report
-RESERVED = {"check": (0.015, 3.0), "eval": (0.04, 8.0), "report": (0.004, 3.0)}
+RESERVED = {"check": (0.015, 3.0), "eval": (0.04, 8.0), "report": (0.005, 4.0)}
 EXIT_S = 2.0  # the interpreter's exit after the report (measured under load: ~1 s with the CLI's gc.freeze())
 MIN_TRAIN_SHARE = 0.25  # a training stage never gets less than this part of its share of the whole budget
 
