@@ -84,7 +84,7 @@ class Service:
         def work():
             self._check_filter([text], param)
             try:
-                return self.backend.encode(text)
+                return self.backend.encode(text, add_special_tokens=True)  # raw text: BOS as the tokenizer says
             except (TokenizerError, UnicodeError) as e:
                 raise APIError(400, f"the {param} cannot be tokenised: {e}", param=param, code="invalid_text") from None
 
