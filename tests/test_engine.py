@@ -427,3 +427,32 @@ def test_vllm_engine_args_reach_vllm(tmp_path, monkeypatch, byte_tok):
         res = eng.generate([5, 6, 7], max_new_tokens=4, eos_token_id=(), timeout=60)
         assert res.token_ids == generate_ids(model, [5, 6, 7], max_new_tokens=4, eos_token_id=())[0]
         assert res.text == ""
+
+
+def test_engines_share_a_front_end_without_an_import_cycle():
+    """dhad.engine and dhad.vllm_engine both build on dhad.engine_api; the vLLM adapter never imports the
+    native engine (which loads the adapter lazily, in make_engine), so the two form no cycle (issue 19)."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "dhad"
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((root / f"{name}.py").read_text(encoding="utf-8"))
+        out = set()
+        for node in ast.walk(tree):  # lazy imports inside functions count too
+            if isinstance(node, ast.ImportFrom) and node.module:
+                out.add(node.module)
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+        return out
+
+    assert "dhad.engine" not in imports("vllm_engine")
+    assert {"dhad.engine", "dhad.vllm_engine"}.isdisjoint(imports("engine_api"))
+    assert "dhad.engine_api" in imports("engine") and "dhad.engine_api" in imports("vllm_engine")
+    import dhad.engine
+    import dhad.engine_api
+    import dhad.vllm_engine
+    for name in ("RequestHandle", "StreamEvent", "Completion", "EngineError", "QueueFull", "RequestError",
+                 "EngineClosed"):  # the public names stay importable from dhad.engine
+        assert getattr(dhad.engine, name) is getattr(dhad.engine_api, name)
+    assert issubclass(dhad.vllm_engine.VLLMEngine, dhad.engine_api.EngineFrontend)

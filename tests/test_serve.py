@@ -419,7 +419,7 @@ def test_tokenizer_error_is_400(backend, monkeypatch):
     """Text the tokenizer refuses (`TokenizerError`: a lone surrogate, an invalid code point) is the client's 400."""
     from dhad.tokenizer import TokenizerError
 
-    def refuse(text):
+    def refuse(text, add_special_tokens=False):
         raise TokenizerError("lone surrogate U+D800 at character 3")
 
     monkeypatch.setattr(backend, "encode", refuse)
