@@ -231,7 +231,7 @@ def test_arc_row_whose_key_disagrees_with_gold_is_skipped(tmp_path):
 
 def test_every_registered_task_is_declarative():
     for task in T.TASKS.values():
-        assert task.lang in ("ar", "en") and task.harness and task.title
-        assert task.sampler in ("first_n", "random")
+        assert task.lang in ("ar", "en", "fr") and task.harness and task.title
+        assert task.sampler in ("first_n", "random") and task.encoding in ("lm-eval", "v0.3")
     assert {"arabicmmlu", "mmlu", "mmlu_ar", "exams_ar", "acva", "hellaswag", "piqa", "boolq", "siqa", "arc_challenge",
             "arc_easy", "openbookqa", "winogrande", "race", "truthfulqa_mc1", "truthfulqa_mc2"} <= set(T.TASKS)

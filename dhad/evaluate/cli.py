@@ -23,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N rows per (sub)task")
     p.add_argument("--data", default=None, help="data directory (default $DHAD_DATA_DIR)")
     p.add_argument("--hub", action="store_true", help="read the datasets from the Hugging Face Hub (needs network)")
+    p.add_argument("--task-file", action="append", default=[], metavar="TASK=FILE",
+                   help="your own data file for a task whose data is not public (crows_pairs_ar, siqa_ar, "
+                        "*_jais, ...; repeatable)")
+    p.add_argument("--download", action="store_true",
+                   help="treat --model as a Hugging Face repo id and download it (needs network)")
     p.add_argument("--out", default=None, help="write results.json, samples.jsonl and results.md here")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
@@ -97,18 +102,32 @@ def _list() -> int:
     return 0
 
 
-def _load(model_dir, dtype, device):
+def _load(model_dir, dtype, device, download: bool = False):
     import dhad
+    from dhad.checkpoint import resolve_model_dir
     from dhad.cli import CLIError
 
     if not model_dir:
         raise CLIError("--model DIR is required")
-    if not Path(model_dir).is_dir():
-        raise CLIError(f"model directory not found: {model_dir}")
+    if not download and not Path(model_dir).is_dir():
+        raise CLIError(f"model directory not found: {model_dir} (a Hugging Face repo id needs --download)")
     try:
+        model_dir = resolve_model_dir(model_dir, download=download)
         return dhad.load_model(model_dir, dtype=dtype, device=device), dhad.load_tokenizer(model_dir)
-    except Exception as e:  # noqa: BLE001 - a broken checkpoint is a user error here
+    except Exception as e:  # noqa: BLE001 - a broken checkpoint, an offline download: user errors here
         raise CLIError(f"could not load {model_dir}: {e}") from None
+
+
+def _task_files(specs: list[str]) -> dict[str, str]:
+    from dhad.cli import CLIError
+
+    out = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise CLIError(f"--task-file {spec!r}: expected TASK=FILE")
+        out[name.strip()] = path.strip()
+    return out
 
 
 def _loglik(args) -> int:
@@ -119,13 +138,16 @@ def _loglik(args) -> int:
     if not args.tasks:
         raise CLIError("--tasks is required (see dhad eval --list)")
     tasks = T.resolve_tasks(args.tasks)  # unknown names fail before the model loads
-    if not args.hub:
+    files = _task_files(args.task_file)
+    for name in files:
+        T.get_task(name)
+    if not args.hub and any(t.name not in files for t in tasks):
         T.resolve_data_dir(args.data)
-    model, tok = _load(args.model, args.dtype, args.device)
+    model, tok = _load(args.model, args.dtype, args.device, args.download)
     records: list = []
     res = runner.evaluate(model, tok, tasks, shots=args.shots, limit=args.limit, data_dir=args.data, hub=args.hub,
                           batch_tokens=args.batch_tokens, max_rows=args.max_rows, model_path=args.model,
-                          records=records)
+                          records=records, task_files=files)
     print(report.markdown_tables([res]))
     t = res["time"]
     print(f"{t['examples']} examples in {t['seconds']:.1f}s ({t['examples_per_s']:.2f} examples/s)")
