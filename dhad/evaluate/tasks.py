@@ -127,7 +127,9 @@ def json_error(where: str, line: str, e: json.JSONDecodeError) -> str:
     """`file:line: not valid JSON (<reason> at column c: <the text there>)`: the whole reason, where, and
     an excerpt of the line around it (`JSONDecodeError.msg` alone stops at "... at")."""
     at = e.colno - 1
-    return f"{where}: not valid JSON ({e.msg} at column {e.colno}: {line[max(0, at - 30):at + 30]!r})"
+    excerpt = line if len(line) <= 120 else line[max(0, at - 50):at + 50]
+    reason = e.msg.removesuffix(" at")  # "Invalid control character at": the position follows
+    return f"{where}: not valid JSON ({reason} at column {e.colno}: {excerpt!r})"
 
 
 def read_jsonl(path: Path) -> list[Doc]:
