@@ -7,6 +7,7 @@
     dhad eval mt-bench answer --endpoint http://host:8000/v1 --served-model NAME --out runs/mt
     dhad eval mt-bench judge --answers runs/mt --judge-endpoint URL --judge-model gpt-4 --out runs/mt
     dhad eval mt-bench judge --mode pairwise --answers runs/mt --baseline runs/base ...
+    dhad eval vicuna --model DIR --baseline-answers runs/b --judge-endpoint URL --judge-model gpt-4 --out runs/v
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, default=16384, help="token budget of one forward pass")
     p.add_argument("--max-rows", type=int, default=64, help="rows of one forward pass")
     p.add_argument("--list", action="store_true", help="list the tasks and exit")
-    sub = p.add_subparsers(dest="action", metavar="{table,mt-bench,compare}")
+    sub = p.add_subparsers(dest="action", metavar="{table,mt-bench,vicuna,compare}")
     t = sub.add_parser("table", help="Markdown tables (cards' layout) from saved results")
     t.add_argument("results", nargs="+", help="results.json files or the directories holding them")
     mt = sub.add_parser("mt-bench", help="MT-bench answers and judging")
@@ -63,6 +64,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--parallel", type=int, default=1)
     j.add_argument("--data", dest="mt_data", default=None)
     j.add_argument("--out", dest="mt_out", required=True)
+    v = sub.add_parser("vicuna", help="Vicuna-80 pairwise win rate (Arabic and English), judged both ways round")
+    for prefix, who in (("", "the model"), ("baseline-", "its opponent")):
+        d = "v_" + prefix.replace("-", "_")
+        g = v.add_argument_group(f"{who} (one of)")
+        g.add_argument(f"--{prefix}model", dest=d + "model", metavar="DIR", help=f"{who}: dhad model directory (local generation)")
+        g.add_argument(f"--{prefix}answers", dest=d + "answers", metavar="PATH",
+                       help=f"{who}: saved answers (FastChat answer JSONL, or a directory with answers_<lang>.jsonl)")
+        g.add_argument(f"--{prefix}endpoint", dest=d + "endpoint", metavar="URL", help=f"{who}: OpenAI-compatible base URL (…/v1)")
+        g.add_argument(f"--{prefix}served-model", dest=d + "served_model", metavar="NAME", help="model name at that endpoint")
+        g.add_argument(f"--{prefix}name", dest=d + "name", metavar="NAME", help="name in the results (default: directory / served name)")
+    v.add_argument("--judge-endpoint", dest="v_judge_endpoint", metavar="URL", required=True, help="OpenAI-compatible judge (…/v1)")
+    v.add_argument("--judge-model", dest="v_judge_model", metavar="NAME", required=True, help="e.g. gpt-4-0613 (the Jais team's)")
+    v.add_argument("--judge-prompts", dest="v_judge_prompts", choices=["jais", "pair-v2"], default="jais",
+                   help="jais: gpt4_prompts.json 0-10 scores (default); pair-v2: FastChat's [[A]]/[[B]]/[[C]]")
+    v.add_argument("--questions", dest="v_questions", choices=["jais", "acegpt"], default="jais",
+                   help="jais: the Jais team's En/Ar file (default); acegpt: FastChat English + AceGPT Arabic")
+    v.add_argument("--lang", dest="v_lang", metavar="LANGS", default="ar,en")
+    v.add_argument("--limit", dest="v_limit", metavar="N", type=int, default=None, help="first N questions (smoke runs)")
+    v.add_argument("--parallel", dest="v_parallel", metavar="N", type=int, default=4, help="concurrent judge requests")
+    v.add_argument("--retries", dest="v_retries", metavar="N", type=int, default=3, help="judge retries before an error is counted")
+    v.add_argument("--backoff", dest="v_backoff", metavar="S", type=float, default=1.0,
+                   help="first retry wait in seconds, doubling")
+    v.add_argument("--timeout", dest="v_timeout", metavar="S", type=float, default=600.0, help="seconds per judge request")
+    v.add_argument("--judge-max-tokens", dest="v_judge_max_tokens", metavar="N", type=int, default=2048)
+    v.add_argument("--judge-temperature", dest="v_judge_temperature", metavar="T", type=float, default=None,
+                   help="default: 0.2 for jais (its GPT-4 setting), 0 for pair-v2")
+    v.add_argument("--max-new-tokens", dest="v_max_new_tokens", metavar="N", type=int, default=1024, help="answer length")
+    v.add_argument("--system", dest="v_system", metavar="TEXT", default=None, help="system prompt for generated answers")
+    v.add_argument("--api-key-env", dest="v_api_key_env", metavar="VAR", default=None, help="variable holding the endpoints' API key")
+    v.add_argument("--download", dest="v_download", action="store_true", help="--model values are Hub repo ids")
+    v.add_argument("--data", dest="v_data", metavar="DIR", default=None)
+    v.add_argument("--out", dest="v_out", metavar="DIR", required=True, help="answers, judgments.jsonl, vicuna.json/.md/.png; resumed")
     from dhad.evaluate import compare
     compare.add_arguments(sub.add_parser(
         "compare", help="an aligned (DPO) model vs its SFT parent: MT-bench pairwise judge + held-out preference accuracy"))
@@ -78,6 +111,8 @@ def run(args) -> int:
             return _list()
         if args.action == "table":
             return _table(args)
+        if args.action == "vicuna":
+            return _vicuna(args)
         if args.action == "compare":
             from dhad.evaluate import compare
             return compare.run(args)
@@ -202,6 +237,50 @@ def _mt_answer(args) -> int:
         out = Path(args.mt_out) / f"answers_{lang}.jsonl"
         M.generate_answers(qs, chat, model_id, out, system=args.system)
         print(f"wrote {out}")
+    return 0
+
+
+def _vicuna(args) -> int:
+    from dhad.cli import CLIError
+    from dhad.evaluate import mtbench as M
+    from dhad.evaluate import vicuna as V
+
+    key = _api_key(args.v_api_key_env)
+    langs = _langs(args.v_lang)
+    for lang in langs:
+        if lang not in V.LANGS:
+            raise CLIError(f"--lang {lang!r}: Vicuna-80 has {', '.join(V.LANGS)}")
+    sides = []
+    for prefix, flag in (("v_", ""), ("v_baseline_", "baseline-")):
+        model, answers, endpoint = (getattr(args, prefix + k) for k in ("model", "answers", "endpoint"))
+        if sum(x is not None for x in (model, answers, endpoint)) != 1:
+            raise CLIError(f"give exactly one of --{flag}model, --{flag}answers, --{flag}endpoint")
+        name = getattr(args, prefix + "name")
+        if answers is not None:
+            p = Path(answers)
+            files = [p] if p.is_file() else [p / f"answers_{lang}.jsonl" for lang in langs]
+            for f in files:
+                if not f.is_file():
+                    raise CLIError(f"--{flag}answers: {f} not found")
+            sides.append(V.Side(name or (_model_id(files[0]) if p.is_file() else p.name), answers=answers))
+        elif endpoint is not None:
+            served = getattr(args, prefix + "served_model")
+            if not served:
+                raise CLIError(f"--{flag}endpoint needs --{flag}served-model NAME")
+            client = M.ChatClient(endpoint, served, api_key=key, timeout=args.v_timeout)
+            sides.append(V.Side(name or served, chat=M.endpoint_chat_fn(client, args.v_max_new_tokens),
+                                system=args.v_system))
+        else:
+            m, tok = _load(model, "float32", "cpu", args.v_download)
+            sides.append(V.Side(name or Path(model).name, chat=M.local_chat_fn(m, tok, max_new_tokens=args.v_max_new_tokens),
+                                system=args.v_system))
+    judge = M.ChatClient(args.v_judge_endpoint, args.v_judge_model, api_key=key, timeout=args.v_timeout, retries=0)
+    s = V.run_vicuna(sides[0], sides[1], judge, args.v_out, data_dir=args.v_data, langs=langs,
+                     judge_prompts=args.v_judge_prompts, questions=args.v_questions, limit=args.v_limit,
+                     parallel=args.v_parallel, retries=args.v_retries, backoff=args.v_backoff, judge_temperature=args.v_judge_temperature,
+                     judge_max_tokens=args.v_judge_max_tokens)
+    print(V.vicuna_table([s]))
+    print(f"judge requests this run: {s['asked_this_run']}; wrote {args.v_out}/vicuna.json, vicuna.md, vicuna.png")
     return 0
 
 
