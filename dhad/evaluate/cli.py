@@ -36,8 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rows", type=int, default=64, help="rows of one forward pass")
     p.add_argument("--list", action="store_true", help="list the tasks and exit")
     sub = p.add_subparsers(dest="action", metavar="{table,mt-bench,vicuna,compare}")
-    t = sub.add_parser("table", help="Markdown tables (cards' layout) from saved results")
-    t.add_argument("results", nargs="+", help="results.json files or the directories holding them")
+    t = sub.add_parser("table", help="the cards' tables (Markdown + PNG bar chart) from saved results")
+    t.add_argument("results", nargs="+", help="results.json files or the directories holding them "
+                                              "(runs of one model, e.g. 0- and 5-shot, fill one row)")
+    t.add_argument("--card", default="jais-ar,jais-en,allam",
+                   help="which tables: jais-ar, jais-en, allam (comma-separated; default all)")
+    t.add_argument("--out", dest="table_out", default=None, help="write tables.md and tables.png here")
     mt = sub.add_parser("mt-bench", help="MT-bench answers and judging")
     mts = mt.add_subparsers(dest="mt_action", metavar="{answer,judge}")
     a = mts.add_parser("answer", help="two-turn answers to the 80 questions")
@@ -198,7 +202,14 @@ def _loglik(args) -> int:
 def _table(args) -> int:
     from dhad.evaluate import report
 
-    print(report.markdown_tables([report.load_results(p) for p in args.results]))
+    results = [report.load_results(p) for p in args.results]
+    cards = _langs(args.card)
+    text = report.card_tables(results, cards)
+    print(text)
+    if args.table_out:
+        md = report.atomic_write_text(Path(args.table_out) / "tables.md", text)
+        png = report.plot_card_tables(results, Path(args.table_out) / "tables.png", cards)
+        print(f"wrote {md} and {png}")
     return 0
 
 
