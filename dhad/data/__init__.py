@@ -11,5 +11,7 @@
     prefs.py    `dhad data prefs`: preference pairs -> (prompt, chosen, rejected) ids
     cli.py      `dhad data ...` argument parsing
 
-This package never imports dhad.model (DESIGN.md: data flows one way). See docs/data.md.
+This package never imports dhad.model, the engine or anything that drives a model (DESIGN.md: data flows
+one way); translation and synthesis with a teacher model live above the engine, in dhad.synth. See
+docs/data.md.
 """

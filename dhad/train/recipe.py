@@ -213,7 +213,8 @@ def _build(cls, d: Any, where: str):
     known = {f.name for f in fields(cls)} - {"source_file"}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}" if where
+                          else f"unknown top-level key(s) {unknown}; allowed: {sorted(known)}")
     kw = {}
     for k, v in d.items():
         kw[k] = _coerce(hints[k], v, f"{where}.{k}" if where else k)
@@ -437,6 +438,8 @@ def validate(r: Recipe) -> None:
         raise RecipeError("batch: give global_batch_size or grad_accum, not both")
     if b.grad_accum is not None and b.grad_accum < 1:
         raise RecipeError("batch.grad_accum: must be >= 1")
+    if b.global_batch_size is not None and b.global_batch_size < 1:
+        raise RecipeError(f"batch.global_batch_size: must be >= 1, got {b.global_batch_size}")
     if b.global_batch_size is not None and b.global_batch_size % b.micro_batch_size:
         raise RecipeError(f"batch.global_batch_size ({b.global_batch_size}) is not a multiple of "
                           f"micro_batch_size ({b.micro_batch_size})")
@@ -457,6 +460,9 @@ def validate(r: Recipe) -> None:
         last = i == len(r.context) - 1
         if not last and c.until_step is None and c.until_tokens is None:
             raise RecipeError(f"{where}: every phase but the last needs until_step or until_tokens")
+        for k in ("micro_batch_size", "global_batch_size", "grad_accum", "until_step"):
+            if getattr(c, k) is not None and getattr(c, k) < 1:
+                raise RecipeError(f"{where}.{k}: must be >= 1, got {getattr(c, k)}")
         mb = c.micro_batch_size or b.micro_batch_size
         if c.global_batch_size is not None and c.global_batch_size % mb:
             raise RecipeError(f"{where}.global_batch_size is not a multiple of the micro batch size {mb}")
