@@ -298,3 +298,16 @@ def test_download_is_accepted_and_the_missing_model_hint_is_true(tiny_dir, share
         DhadLM(pretrained="inceptionai/not-here")
     with pytest.raises(RuntimeError, match="could not download"):
         DhadLM(pretrained="inceptionai/not-here", download="True")
+
+
+def test_importing_the_adapter_keeps_lm_eval_s_own_models():
+    """lm-eval fills its model registry lazily, only while it is empty: registering `dhad` first
+    used to leave `hf` unknown ("Supported model names: dhad") for the rest of the process."""
+    import subprocess
+    import sys
+
+    code = ("import dhad.evaluate.lm_eval_adapter\nfrom lm_eval.api.registry import get_model\n"
+            "print(get_model('hf').__name__, get_model('dhad').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0 and out.stdout.split() == ["HFLM", "DhadLM"], out.stderr[-2000:]

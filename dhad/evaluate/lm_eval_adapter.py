@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: an empty registry would hold only ours)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
