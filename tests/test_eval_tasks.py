@@ -181,9 +181,8 @@ def test_no_data_dir(monkeypatch):
 
 
 def test_hub_is_explicit_and_fails_clearly_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    pytest.importorskip("datasets")
+    from test_eval_helpers import offline
+    offline(monkeypatch)
     with pytest.raises(T.TaskError, match="could not load baber/piqa .*Hugging Face Hub.*Offline"):
         T.get_task("piqa").load(None, hub=True)
     with pytest.raises(T.TaskError, match="no Hugging Face dataset"):
