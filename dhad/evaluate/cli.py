@@ -136,7 +136,7 @@ def _list() -> int:
 
     for name, t in T.TASKS.items():
         shots = "0-shot only" if t.max_shots == 0 else f"shots from {t.fewshot_split or t.eval_split} ({t.sampler})"
-        print(f"{name:24s} {t.lang}  {', '.join(t.metrics):14s} {shots:28s} {t.harness}")
+        print(f"{name:40s} {t.lang}  {', '.join(t.metrics):30s} {shots:28s} {t.harness}")
     print("groups: " + "; ".join(f"{g} = {','.join(v)}" for g, v in T.GROUPS.items() if g != "all"))
     return 0
 

@@ -75,7 +75,8 @@ def markdown_tables(results_list: Sequence[dict]) -> str:
         parts.append("\n".join(lines))
     shots = sorted({res["config"]["shots"] for res in results_list})
     foot = (f"\nShots: {', '.join(map(str, shots))}. Metric per task: acc_norm where the harness reports it, "
-            "else acc (TruthfulQA mc2: the mc2 score). Avg: mean over the tasks shown.\n")
+            "else acc (TruthfulQA mc2: the mc2 score; CrowS-Pairs: pct_stereotype, 50 is unbiased). "
+            "Avg: mean over the tasks shown.\n")
     return "\n\n".join(parts) + "\n" + foot
 
 
