@@ -289,3 +289,16 @@ def test_end_to_end_with_dhad_serve_as_the_judge(demo_dir, shared_data, tmp_path
         assert len((tmp_path / f"v/answers_{lang}_local.jsonl").read_text(encoding="utf-8").splitlines()) == 2
         assert len((tmp_path / f"v/answers_{lang}_served.jsonl").read_text(encoding="utf-8").splitlines()) == 2
     assert s["judge"] == "judge" and s["asked_this_run"] == 8
+
+
+def test_saved_answers_from_a_directory(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one/answers_ar_m.jsonl").write_text("", encoding="utf-8")
+    assert V.answer_file(tmp_path / "one", "ar") == tmp_path / "one/answers_ar_m.jsonl"  # a vicuna run's output
+    (tmp_path / "one/answers_ar.jsonl").write_text("", encoding="utf-8")
+    assert V.answer_file(tmp_path / "one", "ar") == tmp_path / "one/answers_ar.jsonl"
+    (tmp_path / "two").mkdir()
+    for n in ("a", "b"):
+        (tmp_path / f"two/answers_en_{n}.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(M.MTBenchError, match="2 answers_en_\\*.jsonl files: name the file"):
+        V.answer_file(tmp_path / "two", "en")

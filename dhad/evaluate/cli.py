@@ -268,12 +268,11 @@ def _vicuna(args) -> int:
             raise CLIError(f"give exactly one of --{flag}model, --{flag}answers, --{flag}endpoint")
         name = getattr(args, prefix + "name")
         if answers is not None:
-            p = Path(answers)
-            files = [p] if p.is_file() else [p / f"answers_{lang}.jsonl" for lang in langs]
+            files = [V.answer_file(answers, lang) for lang in langs]
             for f in files:
                 if not f.is_file():
                     raise CLIError(f"--{flag}answers: {f} not found")
-            sides.append(V.Side(name or (_model_id(files[0]) if p.is_file() else p.name), answers=answers))
+            sides.append(V.Side(name or _model_id(files[0]), answers=answers))
         elif endpoint is not None:
             served = getattr(args, prefix + "served_model")
             if not served:

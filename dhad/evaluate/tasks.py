@@ -811,7 +811,8 @@ def _load_hub(task: Task) -> dict[str, list[Doc]]:
             except Exception as e:  # noqa: BLE001 - offline, missing, gated: `datasets` raises many types
                 raise TaskError(f"{task.name}: could not load {spec.path}"
                                 f"{'/' + cfg if cfg else ''} split {theirs!r} from the Hugging Face Hub "
-                                f"({type(e).__name__}: {str(e)[:200]}). Offline? Use the local files with --data.") from None
+                                f"({type(e).__name__}: {str(e)[:200]}). Offline? Use the local files (--data) where the task "
+                                f"has them, or your own copy (--task-file {task.name}=FILE).") from None
             for row in ds:
                 row = dict(row)
                 if task.name == "race":

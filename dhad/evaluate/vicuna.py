@@ -176,10 +176,7 @@ def side_answers(side: Side, questions: Sequence[Question], out_dir: Path, progr
     """{question_id: answer}; generated answers are appended one by one and reused on a rerun."""
     lang = questions[0].lang if questions else "en"
     if side.chat is None:
-        p = Path(side.answers)
-        if p.is_dir():
-            p = p / f"answers_{lang}.jsonl"
-        return {qid: turns[0] for qid, turns in mtbench.load_answers(p).items() if turns}
+        return {qid: turns[0] for qid, turns in mtbench.load_answers(answer_file(side.answers, lang)).items() if turns}
     log = JsonlLog(out_dir / f"answers_{lang}_{_safe_name(side.name)}.jsonl")
     have = {int(r["question_id"]): r["choices"][0]["turns"][0] for r in log.rows}
     todo = [q for q in questions if q.question_id not in have]
@@ -189,6 +186,21 @@ def side_answers(side: Side, questions: Sequence[Question], out_dir: Path, progr
         log.append(row)
         have[q.question_id] = row["choices"][0]["turns"][0]
     return have
+
+
+def answer_file(path: str | os.PathLike, lang: str) -> Path:
+    """A saved-answers argument for `lang`: the file itself, or in a directory answers_<lang>.jsonl,
+    else the one answers_<lang>_<name>.jsonl a `dhad eval vicuna` run wrote there."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    if (p / f"answers_{lang}.jsonl").is_file():
+        return p / f"answers_{lang}.jsonl"
+    found = sorted(p.glob(f"answers_{lang}_*.jsonl"))
+    if len(found) == 1:
+        return found[0]
+    raise MTBenchError(f"{p}: no answers_{lang}.jsonl" + (f" and {len(found)} answers_{lang}_*.jsonl files: "
+                                                          "name the file" if found else ""))
 
 
 def _safe_name(name: str) -> str:
