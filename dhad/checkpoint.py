@@ -277,7 +277,20 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     model.reset_buffers()  # the non-persistent buffers are still on the meta device
+    _check_tokenizer_ids(model_dir, config)
     return model.eval()
+
+
+def _check_tokenizer_ids(model_dir: Path, config) -> None:
+    """Warn once when config.json's bos/eos/pad ids disagree with the directory's tokenizer."""
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return
+    from dhad.tokenizer import TokenizerError, check_config_ids, load_tokenizer
+    try:
+        tok = load_tokenizer(model_dir)
+    except TokenizerError:
+        return  # a broken tokenizer is reported where it is used
+    check_config_ids(config, tok, where=str(model_dir))
 
 
 def load_into(model: Transformer, path: str | os.PathLike) -> Transformer:
@@ -356,9 +369,15 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, d
                            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = str(to_dtype(dtype) if dtype else model.dtype).replace("torch.", "")
-    _atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, ensure_ascii=False))
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
            "pad_token_id": model.config.pad_token_id}
+    if tokenizer is not None:  # the special ids the tokenizer (and the shards it made) use win
+        from dhad.tokenizer import load_tokenizer, special_ids_of
+        tok = tokenizer if hasattr(tokenizer, "save") else load_tokenizer(tokenizer)
+        ids = {k: v for k, v in special_ids_of(tok).items() if v is not None}
+        cfg.update(ids)
+        gen.update(ids)
+    _atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, ensure_ascii=False))
     gen.update(generation_config or {})
     _atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2))
     if tokenizer is not None:

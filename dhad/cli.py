@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dhad.commands.train", "train from a YAML recipe (pretrain, adapt, sft, dpo)"),
     "plot": ("dhad.commands.plot", "plot a run's metrics (loss, lr, throughput) to PNG"),
     "eval": ("dhad.evaluate.cli", "log-likelihood benchmarks and MT-bench judging"),
-    "speedrun": ("dhad.speedrun", "build, evaluate and serve a small bilingual chat model end to end"),
+    "speedrun": ("dhad.speedrun.cli", "build, evaluate and serve a small bilingual chat model end to end"),
 }
 
 

@@ -6,6 +6,7 @@
     filters.py  Gopher/Jais-style quality rules (length, script, symbols, repetition, stop words)
     dedup.py    exact + MinHash-LSH near-duplicate removal
     encoder.py  the tokenizer as the pipeline uses it (piecewise encoding for exact chat loss masks)
+    sample.py   sampling a corpus folder by characters (equal shares per file, held-out documents)
     prepare.py  `dhad data prepare`: the pretraining pipeline, mixture weights, report
     sft.py      `dhad data sft`: chat/Alpaca rows -> packed or unpacked SFT rows with loss masks
     prefs.py    `dhad data prefs`: preference pairs -> (prompt, chosen, rejected) ids

@@ -20,6 +20,10 @@ Design choices (nanoGPT's loop, torchtitan's parallelism, Megatron's data blendi
   parameters without a gradient (no moment update, no weight decay), so the backbone stays
   bit-identical. DDP is rebuilt at a stage change (it fixes its parameter set when built); FSDP2
   follows requires_grad per step.
+- Clock-driven runs (`schedule.seconds`): the run ends (final evaluation, checkpoint, model, as at
+  its last step) once that much training wall time is spent, the learning rate following
+  `lr_at_time` (warmup-stable-decay on the clock); total_steps only caps it. The seconds spent are
+  saved with every checkpoint, so a resumed run continues the same clock.
 - Stops cleanly: SIGTERM/SIGINT set a flag; after the current step every process checkpoints and
   the run returns `interrupted` (the CLI exits 128 + signal number). `resume=True` restores model,
   optimizer, RNG and the data position, so the loss sequence continues exactly, on any number of
@@ -65,7 +69,7 @@ from dhad.train.metrics import MetricsLogger, measure_peak_flops, truncate_after
 from dhad.train.objectives import Objective, get_objective
 from dhad.train.optim import build_optimizer, set_lr
 from dhad.train.recipe import Recipe, RecipeError, format_tokens, load_recipe
-from dhad.train.schedule import Plan, build_plan, lr_at
+from dhad.train.schedule import Plan, build_plan, lr_at, lr_at_time
 from dhad.utils import tune_malloc
 
 
@@ -84,6 +88,7 @@ class TrainResult:
     interrupted: bool = False
     signal: int | None = None
     timed_out: bool = False  # stopped by max_seconds
+    train_seconds: float = 0.0  # training wall seconds in total (all sessions), for clock-driven runs
     checkpoint: Path | None = None
     mixture: dict = field(default_factory=dict)
     plan: list = field(default_factory=list)
@@ -372,6 +377,12 @@ class _Run:
     log: MetricsLogger | None = None
     peak: float | None = None  # FLOP/s for MFU
     result: TrainResult | None = None
+    trained_s: float = 0.0  # training wall seconds before this session (from the checkpoint resumed)
+    clock0: float | None = None  # perf_counter() at which the run's training clock reads 0
+
+    def train_seconds(self) -> float:
+        """Training wall seconds so far, all sessions (the clock a clock-driven schedule follows)."""
+        return time.perf_counter() - self.clock0 if self.clock0 is not None else self.trained_s
 
     @property
     def model(self) -> Transformer:
@@ -508,6 +519,7 @@ def _resume(run: _Run) -> int:
                   "the data stream continues from the saved position", flush=True)
     if start < run.plan.total_steps:
         run.set_stage(run.plan.at(start).stage)
+    run.trained_s = float(meta.get("train_seconds", 0.0))
     return start
 
 
@@ -526,7 +538,8 @@ def _open_run_dir(run: _Run, resume: bool, start: int, progress: bool) -> None:
     D.barrier(env)
     peak = recipe.peak_flops or measure_peak_flops(env.device, torch.bfloat16 if recipe.precision == "bf16"
                                                    else torch.float32)
-    run.log = MetricsLogger(metrics_path, run.plan.total_steps, start, progress, enabled=env.is_main,
+    total = None if recipe.schedule.seconds else run.plan.total_steps  # clock-driven: the steps are not known
+    run.log = MetricsLogger(metrics_path, total, start, progress, enabled=env.is_main,
                             desc=recipe.name or recipe.type)
     run.log.log({"event": "resume" if resume else "start", "step": start, "total_steps": run.plan.total_steps,
                  "world_size": env.world_size, "strategy": run.strategy, "precision": recipe.precision,
@@ -539,7 +552,8 @@ def _open_run_dir(run: _Run, resume: bool, start: int, progress: bool) -> None:
 def _checkpoint(run: _Run, step: int) -> Path:
     plan, mixture = run.plan, run.mixture
     meta = {"data": mixture.state_dict(), "plan": [_seg_key(s) for s in plan.segments if s.start < step],
-            "tokens": plan.tokens_before(step), "recipe": run.recipe.to_dict(), "mixture": mixture.report()}
+            "tokens": plan.tokens_before(step), "recipe": run.recipe.to_dict(), "mixture": mixture.report(),
+            "train_seconds": run.train_seconds()}
     return save_checkpoint(run.run_dir, step, run.wrapped, run.optimizer, meta, run.env, run.recipe.keep_checkpoints)
 
 
@@ -588,6 +602,8 @@ def _steps(run: _Run, start: int, stop_at: int | None, max_seconds: float | None
     recipe, env, plan, result = run.recipe, run.env, run.plan, run.result
     step, meter = start, _Meter(run, start)
     params = list(run.model.parameters())
+    sc, timed = recipe.schedule, recipe.schedule.seconds  # timed: a clock-driven run of that many seconds
+    run.clock0, dt_step = meter.t0 - run.trained_s, 0.0
     with StopSignal() as sig:
         while step < plan.total_steps:
             seg = plan.at(step)
@@ -597,14 +613,19 @@ def _steps(run: _Run, start: int, stop_at: int | None, max_seconds: float | None
                 run.log.log({"event": "stage", "step": step, "stage": st.name, "trainable": st.trainable,
                              "mixture": run.mixture.report()})  # tokens seen per stage and source so far
                 run.log.write(f"step {step}: stage {st.name} (trainable: {st.trainable})")
-            lr = lr_at(step, recipe.optimizer.lr, recipe.schedule.warmup_steps, plan.total_steps,
-                       recipe.schedule.min_lr, recipe.schedule.decay)
+            t_step = time.perf_counter()
+            if timed:  # rank 0's clock decides, so every rank uses the same rate
+                lr = D.broadcast_object(lr_at_time(step, run.train_seconds(), timed, recipe.optimizer.lr,
+                                                   sc.warmup_steps, sc.min_lr, sc.decay, sc.decay_fraction), env)
+            else:
+                lr = lr_at(step, recipe.optimizer.lr, sc.warmup_steps, plan.total_steps, sc.min_lr, sc.decay)
             set_lr(run.optimizer, lr)
             sb = run.mixture.next_step(env.rank, env.world_size)
             batches = [run.objective.collate(items, env.device) for items in sb.micro]
             loss, gn = train_step(run.wrapped, run.objective, batches, run.optimizer, env, run.strategy,
                                   run.autocast, recipe.clip_grad, params)
             step += 1
+            dt_step = time.perf_counter() - t_step
             result.losses.append((step, loss))
             if not math.isfinite(loss):
                 run.log.write(f"step {step}: loss is {loss}; stopping (checkpoint kept from before)")
@@ -618,7 +639,11 @@ def _steps(run: _Run, start: int, stop_at: int | None, max_seconds: float | None
             out_of_time = max_seconds is not None and D.any_flag(  # rank 0's clock decides for all
                 env.is_main and time.perf_counter() - meter.t0 >= max_seconds, env)
             stop_now = D.any_flag(sig.stop, env) or out_of_time or (stop_at is not None and step >= stop_at)
-            if step == plan.total_steps:
+            # clock-driven: the run ends at the step whose end is nearest to its seconds
+            time_up = bool(timed) and D.any_flag(env.is_main and run.train_seconds() + 0.5 * dt_step >= timed, env)
+            if step == plan.total_steps or (time_up and not stop_now):
+                if time_up:
+                    run.log.write(f"step {step}: {timed:g} s of training spent; the run ends here")
                 break  # _finish checkpoints the end
             if stop_now or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0):
                 result.checkpoint = _checkpoint(run, step)
@@ -636,6 +661,7 @@ def _finish(run: _Run, step: int, save_final: bool) -> TrainResult:
     """Final evaluation, checkpoint and model directory (unless interrupted); mixture.json; end event."""
     env, result, log = run.env, run.result, run.log
     result.step = step
+    result.train_seconds = run.train_seconds()
     result.model = run.model
     result.mixture = run.mixture.report()
     if not result.interrupted:

@@ -115,6 +115,10 @@ class ScheduleSpec:
     total_steps: int | None = None  # None: from the stages' token budgets
     min_lr: float = 0.0
     decay: str = "cosine"  # cosine | linear | constant
+    # Clock-driven (warmup-stable-decay): train until `seconds` of training wall time are spent, the
+    # learning rate decaying over the last `decay_fraction` of them; total_steps is then only a cap.
+    seconds: float | None = None
+    decay_fraction: float = 0.2
 
 
 @dataclass
@@ -429,6 +433,10 @@ def validate(r: Recipe) -> None:
         raise RecipeError(f"schedule.min_lr: must be in [0, optimizer.lr={o.lr}], got {sc.min_lr}")
     if sc.total_steps is None and (not r.stages or r.stages[-1].tokens is None):
         raise RecipeError("schedule.total_steps: needed unless the last stage has a token budget")
+    if sc.seconds is not None and not sc.seconds > 0:
+        raise RecipeError(f"schedule.seconds: must be > 0, got {sc.seconds}")
+    if not 0 < sc.decay_fraction <= 1:
+        raise RecipeError(f"schedule.decay_fraction: must be in (0, 1], got {sc.decay_fraction}")
 
     # batch
     b = r.batch
