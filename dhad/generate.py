@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["SamplingParams", "PRESETS", "Sampler", "StreamDecoder", "StopMatcher", "generate_ids", "generate_text", "decode_step",
+__all__ = ["SamplingParams", "SAMPLING_PRESETS", "Sampler", "StreamDecoder", "StopMatcher", "generate_ids", "generate_text", "decode_step",
            "apply_repetition_penalty", "apply_top_k", "apply_top_p", "eos_ids_of"]
 
 
@@ -128,15 +128,15 @@ class SamplingParams:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SamplingParams":
-        if name not in PRESETS:
-            raise ValueError(f"unknown sampling preset {name!r} (known: {', '.join(PRESETS)})")
-        return cls.from_kwargs(PRESETS[name], **overrides)
+        if name not in SAMPLING_PRESETS:
+            raise ValueError(f"unknown sampling preset {name!r} (known: {', '.join(SAMPLING_PRESETS)})")
+        return cls.from_kwargs(SAMPLING_PRESETS[name], **overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-PRESETS: dict[str, SamplingParams] = {
+SAMPLING_PRESETS: dict[str, SamplingParams] = {
     "greedy": SamplingParams(),
     # Jais-family README: top_p=0.9, temperature=0.3, repetition_penalty=1.2, do_sample=True,
     # min_length=input_len + 4, max_length=2048.

@@ -1,5 +1,6 @@
 """Small shared helpers: atomic file writes (temp file in the same folder, fsync, os.replace — a reader
-or a crash never sees half a file) and JSON-safe conversion of config dataclasses for reports."""
+or a crash never sees half a file), JSON-safe conversion of config dataclasses for reports, and where the
+data directory is (`data_dir`: an explicit `--data`, else $DHAD_DATA_DIR)."""
 from __future__ import annotations
 
 import json
@@ -31,6 +32,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj, indent: int = 1) -> Path:
     return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+
+
+DATA_DIR_ENV = "DHAD_DATA_DIR"
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The data directory: `explicit` (a `--data` value) when given, else `$DHAD_DATA_DIR` when it is set
+    and not empty, else None (each caller says what a missing one means: an error, or the current
+    directory). `~` is expanded; whether the directory exists is the caller's check. The one place
+    dhad reads $DHAD_DATA_DIR."""
+    d = explicit if explicit is not None and str(explicit) != "" else os.environ.get(DATA_DIR_ENV)
+    return Path(d).expanduser() if d else None
 
 
 def jsonable(x):

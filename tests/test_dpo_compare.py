@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dhad.checkpoint import save_model
 from dhad.config import Config
 from dhad.data.shards import ShardWriter
-from dhad.evaluate.compare import compare_models, preference_accuracy
+from dhad.train.compare import compare_models, preference_accuracy
 from dhad.evaluate.mtbench import load_answers
 from dhad.model import Transformer
 

@@ -402,7 +402,7 @@ def test_vllm_engine_args_reach_vllm(tmp_path, monkeypatch, byte_tok):
     from dhad.checkpoint import save_model
     from dhad.cli import CLIError
     from dhad.serve.backend import load_backend
-    from dhad.serve.cli import parse_engine_args
+    from dhad.cli.serve import parse_engine_args
     args = parse_engine_args(["tensor_parallel_size=8", "gpu_memory_utilization=0.2", "enforce_eager=true",
                               "kv_cache_dtype=fp8"])
     assert args == {"tensor_parallel_size": 8, "gpu_memory_utilization": 0.2, "enforce_eager": True,

@@ -51,7 +51,7 @@ def test_summarize_single_by_hand():
     assert ar["unparseable"] == 1 and ar["judged"] == 3
     assert (en["turn_1"], en["turn_2"], en["average"]) == (9.0, 7.0, 8.0) and en["errors"] == 1
     assert s["unparseable"] == 1
-    from dhad.evaluate.report import mtbench_table
+    from dhad.evaluate.results import mtbench_table
     table = mtbench_table([s])
     assert table.splitlines()[0] == ("Model | AR Average | AR Turn 1 | AR Turn 2 | EN Average | EN Turn 1 | EN Turn 2 |")
     assert "m | 6.00 | 6.00 | 6.00 | 8.00 | 9.00 | 7.00 |" in table and "Unparseable judge outputs" in table

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dhad.evaluate import report
+from dhad.evaluate import results as report
 from dhad.evaluate import tasks as T
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dhad.generate import (PRESETS, Sampler, SamplingParams, StopMatcher, StreamDecoder, apply_top_k, apply_top_p,
+from dhad.generate import (SAMPLING_PRESETS, Sampler, SamplingParams, StopMatcher, StreamDecoder, apply_top_k, apply_top_p,
                            generate_ids, generate_text)
 
 ARABIC = "ما هي عاصمة الامارات؟ أبوظبي"
@@ -267,7 +267,7 @@ def test_ordinary_temperatures_untouched_by_the_overflow_guard():
 # --- parameters -----------------------------------------------------------------------------------
 
 def test_presets_from_cards():
-    j = PRESETS["jais"]
+    j = SAMPLING_PRESETS["jais"]
     assert (j.do_sample, j.top_p, j.temperature, j.repetition_penalty, j.min_new_tokens, j.max_length) == \
         (True, 0.9, 0.3, 1.2, 4, 2048)
     a = SamplingParams.preset("allam")

@@ -206,7 +206,7 @@ def test_rows_record_the_model_id_the_endpoint_resolved(tmp_path):
     """`dhad data synth --endpoint URL` without --teacher-model: rows and report name the model GET /models
     gave, not the URL."""
     import argparse
-    from dhad.synth.cli import add_synth_arguments, run_synth
+    from dhad.cli.data_synth import add_synth_arguments, run_synth
     root = tmp_path / "data"
     make_seeds(root)
     out = tmp_path / "s.jsonl"

@@ -467,7 +467,7 @@ def test_rejected_requests_stop_the_run_naming_the_http_status(tmp_path):
     quoting the last failure's HTTP status and body, and the report keeps the counts of the stopped run."""
     import argparse
     from dhad.cli import CLIError
-    from dhad.synth.cli import add_translate_arguments, run_translate
+    from dhad.cli.data_synth import add_translate_arguments, run_translate
     root = tmp_path / "data"
     make_corpus(root)
     out = tmp_path / "o.jsonl"
@@ -642,7 +642,7 @@ def test_real_parallel_pairs(tmp_path, shared_data):
 def test_cli_functions(tmp_path, capsys):
     import argparse
     from dhad.cli import CLIError
-    from dhad.synth.cli import add_synth_arguments, add_translate_arguments, run_synth, run_translate
+    from dhad.cli.data_synth import add_synth_arguments, add_translate_arguments, run_synth, run_translate
     root = tmp_path / "data"
     make_corpus(root)
     tp, sp = argparse.ArgumentParser(), argparse.ArgumentParser()

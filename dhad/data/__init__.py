@@ -10,9 +10,8 @@
     prepare.py  `dhad data prepare`: the pretraining pipeline, mixture weights, report
     sft.py      `dhad data sft`: chat/Alpaca rows -> packed or unpacked SFT rows with loss masks
     prefs.py    `dhad data prefs`: preference pairs -> (prompt, chosen, rejected) ids
-    cli.py      `dhad data ...` argument parsing
 
 This package never imports dhad.model, the engine or anything that drives a model (DESIGN.md: data flows
 one way); translation and synthesis with a teacher model live above the engine, in dhad.synth. See
-docs/data.md.
+docs/data.md. The `dhad data ...` commands are dhad/cli/data.py.
 """

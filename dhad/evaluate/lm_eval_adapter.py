@@ -3,8 +3,9 @@
 lm-eval 0.4.x finds models only in its registry (`lm_eval.api.registry.model_registry`); it does not
 read package entry points, so the `dhad` name exists once this module is imported. Two ways that work:
 
-    python -m dhad.evaluate.lm_eval_adapter run --model dhad --model_args pretrained=DIR --tasks hellaswag
-        (imports this module, then runs lm-eval's own CLI with the same arguments)
+    dhad-lm-eval run --model dhad --model_args pretrained=DIR --tasks hellaswag
+        (dhad/cli/lm_eval.py: imports this module, then runs lm-eval's own CLI with the same arguments;
+        also `python -m dhad.cli.lm_eval ...`)
 
     import dhad.evaluate.lm_eval_adapter, lm_eval
     lm_eval.simple_evaluate(model="dhad", model_args={"pretrained": DIR}, tasks=[...])
@@ -16,8 +17,6 @@ Model arguments: pretrained (or model), dtype, device, batch_size (rows per forw
 batch_tokens, max_length, download (True: `pretrained` is a Hugging Face repo id to fetch).
 """
 from __future__ import annotations
-
-import sys
 
 import lm_eval.models  # noqa: F401  (lm-eval's own models first: an empty registry would hold only ours)
 from lm_eval.api.model import TemplateLM
@@ -147,20 +146,4 @@ class DhadLM(TemplateLM):
         return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dhad.evaluate.lm_eval_adapter <lm_eval arguments>`: lm-eval's CLI with `dhad` registered."""
-    from lm_eval.__main__ import cli_evaluate
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    sys.argv = ["lm_eval"] + argv
-    cli_evaluate()
-    return 0
-
-
-if __name__ == "__main__":
-    # Run the importable module (not this __main__ copy) so `dhad` is registered exactly once.
-    from dhad.evaluate import lm_eval_adapter as _adapter  # noqa: PLW0406 - on purpose, see above
-
-    sys.exit(_adapter.main())
-else:
-    register_model("dhad")(DhadLM)
+register_model("dhad")(DhadLM)

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dhad import utils
+
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 
 
@@ -102,11 +104,10 @@ class Task:
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     """`--data DIR` (default $DHAD_DATA_DIR): accept the data root (with eval/ inside) or eval/ itself."""
-    d = data_dir if data_dir is not None else os.environ.get("DHAD_DATA_DIR")
-    if not d:
+    d = utils.data_dir(data_dir)
+    if d is None:
         raise TaskError("no data directory: pass --data DIR or set $DHAD_DATA_DIR "
                         "(or use --hub to download the datasets from the Hugging Face Hub)")
-    d = Path(d).expanduser()
     if (d / "eval").is_dir():
         d = d / "eval"
     if not d.is_dir():

@@ -327,7 +327,7 @@ def run_vicuna(side_a: Side, side_b: Side, judge, out_dir: str | os.PathLike, *,
     summary = summarize(log.rows, qs, answers, setup)
     summary.update(judge=getattr(judge, "model", None), questions=questions, judge_temperature=temperature,
                    asked_this_run=len(jobs))
-    from dhad.evaluate.report import atomic_write_text
+    from dhad.utils import atomic_write_text
     atomic_write_text(out / "vicuna.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     atomic_write_text(out / "vicuna.md", vicuna_table([summary]))
     plot_vicuna(summary, out / "vicuna.png")

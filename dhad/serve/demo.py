@@ -1,7 +1,7 @@
 """A tiny bilingual demo chat model, trained in seconds on CPU, to try `dhad serve` / `dhad chat`
 without downloading anything (and what the serving tests run end to end).
 
-    python -m dhad.serve.demo out/demo-chat      # then: dhad serve --model out/demo-chat
+    dhad demo out/demo-chat      # then: dhad serve --model out/demo-chat   (or dhad chat)
 
 It is the `tiny-jais` preset (ALiBi, SwiGLU, muP scalars: a Jais-family model in miniature) with a
 512-token byte-level BPE and the Jais-family chat template, fitted for a few dozen steps on four
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -75,9 +74,3 @@ def build_demo_model(out_dir, steps: int = 40, seed: int = 0) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m dhad.serve.demo OUT_DIR", file=sys.stderr)
-        sys.exit(2)
-    print(build_demo_model(sys.argv[1]))

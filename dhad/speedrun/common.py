@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dhad.utils import atomic_write_text
+from dhad.utils import atomic_write_text, data_dir
 
 
 class SpeedrunError(ValueError):
@@ -104,11 +104,10 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
 
 
 def resolve_data(data: str | None) -> Path:
-    d = data or os.environ.get("DHAD_DATA_DIR")
-    if not d:
+    p = data_dir(data)
+    if p is None:
         raise SpeedrunError("no data: pass --data DIR (holding corpus/arabic, corpus/english, corpus/instruct and "
                             "eval/) or set $DHAD_DATA_DIR; scripts/speedrun.sh uses ../shared/data")
-    p = Path(d).expanduser()
     if not (p / "corpus").is_dir():
         raise SpeedrunError(f"--data {p}: no corpus/ directory in it (expected corpus/arabic, corpus/english, "
                             "corpus/instruct)")

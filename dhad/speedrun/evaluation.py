@@ -266,7 +266,7 @@ def stage_eval(run, markers: dict) -> dict:
     import dhad
     from dhad.config import Config
     from dhad.evaluate.bpb import bits_per_byte
-    from dhad.evaluate.report import markdown_tables, write_results
+    from dhad.evaluate.results import markdown_tables, write_results
     from dhad.model import Transformer
     from dhad.tokenizer import load_tokenizer
     deadline = time.time() + run.allot("eval")

@@ -70,7 +70,7 @@ from dhad.train.objectives import Objective, get_objective
 from dhad.train.optim import build_optimizer, set_lr
 from dhad.train.recipe import Recipe, RecipeError, format_tokens, load_recipe
 from dhad.train.schedule import Plan, build_plan, lr_at, lr_at_time
-from dhad.utils import tune_malloc
+from dhad.utils import data_dir, tune_malloc
 
 
 class TrainError(ValueError):
@@ -100,8 +100,7 @@ class TrainResult:
 
 def default_data_root() -> Path:
     """Where relative paths in a recipe point: $DHAD_DATA_DIR, else the current directory."""
-    env = os.environ.get("DHAD_DATA_DIR")
-    return Path(env) if env else Path.cwd()
+    return data_dir() or Path.cwd()
 
 
 def resolve_paths(recipe: Recipe, data_root: str | os.PathLike | None) -> Recipe:

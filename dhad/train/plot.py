@@ -1,5 +1,5 @@
 """Loss, learning-rate and throughput curves of a run, as PNG files (the `dhad plot RUN_DIR` command:
-dhad/commands/plot.py).
+dhad/cli/plot.py).
 
 Reads RUN_DIR/metrics.jsonl (written by `dhad train`) and writes, next to it (or to --out):
     loss.png        training loss per step, validation loss (overall and per source) at evaluations

@@ -1,4 +1,4 @@
-"""`dhad eval`: log-likelihood benchmarks, result tables and MT-bench.
+"""`dhad eval`: log-likelihood benchmarks, result tables, MT-bench, Vicuna-80 and the DPO comparison.
 
     dhad eval --model DIR --tasks arabicmmlu,exams_ar,acva --shots 5 --limit 100 --data DATA --out runs/eval
     dhad eval --list
@@ -8,6 +8,9 @@
     dhad eval mt-bench judge --answers runs/mt --judge-endpoint URL --judge-model gpt-4 --out runs/mt
     dhad eval mt-bench judge --mode pairwise --answers runs/mt --baseline runs/base ...
     dhad eval vicuna --model DIR --baseline-answers runs/b --judge-endpoint URL --judge-model gpt-4 --out runs/v
+    dhad eval compare --model DPO_DIR --parent SFT_DIR --prefs PREFS --judge-url URL --out runs/cmp
+
+Library code: dhad.evaluate (tasks, runner, mtbench, vicuna, results) and dhad.train.compare.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import argparse
 import json
 import os
 from pathlib import Path
+
+from dhad.cli import CLIError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,13 +105,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--download", dest="v_download", action="store_true", help="--model values are Hub repo ids")
     v.add_argument("--data", dest="v_data", metavar="DIR", default=None)
     v.add_argument("--out", dest="v_out", metavar="DIR", required=True, help="answers, judgments.jsonl, vicuna.json/.md/.png; resumed")
-    from dhad.evaluate import compare
-    compare.add_arguments(sub.add_parser(
+    _add_compare_arguments(sub.add_parser(
         "compare", help="an aligned (DPO) model vs its SFT parent: MT-bench pairwise judge + held-out preference accuracy"))
 
 
+def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    from dhad.evaluate.mtbench import MAX_NEW_TOKENS
+
+    p.add_argument("--model", required=True, help="the aligned (DPO) model directory")
+    p.add_argument("--parent", required=True, help="its SFT parent model directory")
+    p.add_argument("--out", required=True, help="output directory for answers, judgments and the report")
+    p.add_argument("--data", default=None, help="data root with eval/mt_bench_{en,ar} (default $DHAD_DATA_DIR)")
+    p.add_argument("--langs", default="en,ar", help="MT-bench languages (comma-separated)")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    p.add_argument("--judge-model", default="gpt-4")
+    p.add_argument("--api-key", default=None, help="judge API key (default $OPENAI_API_KEY)")
+    p.add_argument("--limit", type=int, default=None, help="first N MT-bench questions per language")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--prefs", default=None, help="prefs shard directory with held-out pairs")
+    p.add_argument("--prefs-split", default="validation")
+    p.add_argument("--prefs-limit", type=int, default=None)
+    p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (the DPO run's)")
+    p.add_argument("--parallel", type=int, default=4, help="concurrent judge requests")
+
+
 def run(args) -> int:
-    from dhad.cli import CLIError
     from dhad.evaluate import tasks as T
     from dhad.evaluate.mtbench import MTBenchError
 
@@ -118,8 +141,7 @@ def run(args) -> int:
         if args.action == "vicuna":
             return _vicuna(args)
         if args.action == "compare":
-            from dhad.evaluate import compare
-            return compare.run(args)
+            return _compare(args)
         if args.action == "mt-bench":
             if args.mt_action == "answer":
                 return _mt_answer(args)
@@ -144,8 +166,6 @@ def _list() -> int:
 def _load(model_dir, dtype, device, download: bool = False):
     import dhad
     from dhad.checkpoint import resolve_model_dir
-    from dhad.cli import CLIError
-
     if not model_dir:
         raise CLIError("--model DIR is required")
     if not download and not Path(model_dir).is_dir():
@@ -158,8 +178,6 @@ def _load(model_dir, dtype, device, download: bool = False):
 
 
 def _task_files(specs: list[str]) -> dict[str, str]:
-    from dhad.cli import CLIError
-
     out = {}
     for spec in specs or []:
         name, sep, path = spec.partition("=")
@@ -170,8 +188,7 @@ def _task_files(specs: list[str]) -> dict[str, str]:
 
 
 def _loglik(args) -> int:
-    from dhad.cli import CLIError
-    from dhad.evaluate import report, runner
+    from dhad.evaluate import results, runner
     from dhad.evaluate import tasks as T
 
     if not args.tasks:
@@ -187,28 +204,29 @@ def _loglik(args) -> int:
     res = runner.evaluate(model, tok, tasks, shots=args.shots, limit=args.limit, data_dir=args.data, hub=args.hub,
                           batch_tokens=args.batch_tokens, max_rows=args.max_rows, model_path=args.model,
                           records=records, task_files=files)
-    print(report.markdown_tables([res]))
+    print(results.markdown_tables([res]))
     t = res["time"]
     print(f"{t['examples']} examples in {t['seconds']:.1f}s ({t['examples_per_s']:.2f} examples/s)")
     for name, e in res["tasks"].items():
         if e["skipped"]:
             print(f"{name}: skipped {e['skipped']} rows: {json.dumps(e['skip_reasons'], ensure_ascii=False)}")
     if args.out:
-        paths = report.write_results(res, args.out, records)
+        paths = results.write_results(res, args.out, records)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 def _table(args) -> int:
-    from dhad.evaluate import report
+    from dhad.evaluate import results as R
+    from dhad.utils import atomic_write_text
 
-    results = [report.load_results(p) for p in args.results]
+    runs = [R.load_results(p) for p in args.results]
     cards = _langs(args.card)
-    text = report.card_tables(results, cards)
+    text = R.card_tables(runs, cards)
     print(text)
     if args.table_out:
-        md = report.atomic_write_text(Path(args.table_out) / "tables.md", text)
-        png = report.plot_card_tables(results, Path(args.table_out) / "tables.png", cards)
+        md = atomic_write_text(Path(args.table_out) / "tables.md", text)
+        png = R.plot_card_tables(runs, Path(args.table_out) / "tables.png", cards)
         print(f"wrote {md} and {png}")
     return 0
 
@@ -218,8 +236,6 @@ def _langs(s: str) -> list[str]:
 
 
 def _api_key(name):
-    from dhad.cli import CLIError
-
     if not name:
         return None
     if name not in os.environ:
@@ -228,7 +244,6 @@ def _api_key(name):
 
 
 def _mt_answer(args) -> int:
-    from dhad.cli import CLIError
     from dhad.evaluate import mtbench as M
 
     if bool(args.mt_model) == bool(args.endpoint):
@@ -252,7 +267,6 @@ def _mt_answer(args) -> int:
 
 
 def _vicuna(args) -> int:
-    from dhad.cli import CLIError
     from dhad.evaluate import mtbench as M
     from dhad.evaluate import vicuna as V
 
@@ -300,13 +314,9 @@ def _answer_file(path: str, lang: str) -> Path:
 
 
 def _mt_judge(args) -> int:
-    from dhad.cli import CLIError
     from dhad.evaluate import mtbench as M
-    from dhad.evaluate.report import (
-        atomic_write_jsonl,
-        atomic_write_text,
-        mtbench_table,
-    )
+    from dhad.evaluate.results import atomic_write_jsonl, mtbench_table
+    from dhad.utils import atomic_write_text
 
     client = M.ChatClient(args.judge_endpoint, args.judge_model, api_key=_api_key(args.api_key_env))
     prompts = M.load_judge_prompts(args.mt_data)
@@ -346,3 +356,20 @@ def _model_id(path: Path) -> str:
             return json.loads(f.readline()).get("model_id") or path.parent.name
     except (OSError, json.JSONDecodeError):
         return path.parent.name
+
+
+def _compare(args) -> int:
+    from dhad.train.compare import CompareError, compare_models, format_comparison
+
+    try:
+        r = compare_models(args.model, args.parent, args.out, data_dir=args.data,
+                           langs=[x for x in args.langs.split(",") if x], judge_url=args.judge_url,
+                           judge_model=args.judge_model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+                           limit=args.limit, max_new_tokens=args.max_new_tokens, prefs_dir=args.prefs,
+                           prefs_split=args.prefs_split, prefs_limit=args.prefs_limit, beta=args.beta,
+                           parallel=args.parallel)
+    except CompareError as e:
+        raise CLIError(str(e)) from None
+    print(format_comparison(r))
+    print(f"wrote {args.out}/comparison.json and comparison.md")
+    return 0

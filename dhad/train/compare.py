@@ -14,28 +14,26 @@ whether its loss fell. Two measurements, reported side by side (`compare_models`
    prefers the chosen answer by likelihood (log π(chosen) > log π(rejected)).
 
 Everything is written atomically to `out_dir` (answers, judgments, `comparison.json`, `comparison.md`).
-The CLI entry (`add_arguments` / `run`) is a thin layer over `compare_models`.
+The command is `dhad eval compare` (dhad/cli/eval.py).
+
+Why this lives in train/ and not in evaluate/: the second measurement is DPO's own implicit reward, computed
+with DPO's pair validation and log-probabilities (dhad.train.dpo / dhad.train.preference). evaluate/ sits
+below train/ (docs/architecture.md), so a comparison that needs the DPO objective is a training concern
+that uses the evaluation layer (MT-bench), not the other way round.
 """
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dhad.evaluate import mtbench
+from dhad.utils import atomic_write_text
 
 
 class CompareError(ValueError):
     """A comparison that cannot run as asked (missing model, data or judge): the message says which."""
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def preference_accuracy(aligned, parent, prefs_dir, split: str = "validation", beta: float = 0.1,
@@ -107,7 +105,7 @@ def compare_models(aligned_dir, parent_dir, out_dir, *, data_dir=None, langs: Se
                                             names["aligned"], names["parent"], parallel=parallel, progress=progress)
             rows += judged
             per_lang[lang] = len(qs)
-        _atomic_text(out / "judgments-pairwise.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(out / "judgments-pairwise.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         summary = mtbench.summarize_pairwise(rows)
         summary["questions"] = per_lang
         summary["judge"] = getattr(judge, "model", None)
@@ -116,8 +114,8 @@ def compare_models(aligned_dir, parent_dir, out_dir, *, data_dir=None, langs: Se
     if prefs_dir is not None:
         result["heldout_preferences"] = preference_accuracy(aligned, parent, prefs_dir, prefs_split, beta,
                                                             prefs_limit)
-    _atomic_text(out / "comparison.json", json.dumps(result, indent=2, ensure_ascii=False))
-    _atomic_text(out / "comparison.md", format_comparison(result))
+    atomic_write_text(out / "comparison.json", json.dumps(result, indent=2, ensure_ascii=False))
+    atomic_write_text(out / "comparison.md", format_comparison(result))
     return result
 
 
@@ -135,49 +133,3 @@ def format_comparison(r: dict) -> str:
                    f"{100 * h['likelihood_accuracy_aligned']:.1f}% | {100 * h['likelihood_accuracy_parent']:.1f}% |"),
                   ""]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI (thin): `dhad eval compare ...` / `python -m dhad.evaluate.compare ...`
-
-def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="the aligned (DPO) model directory")
-    p.add_argument("--parent", required=True, help="its SFT parent model directory")
-    p.add_argument("--out", required=True, help="output directory for answers, judgments and the report")
-    p.add_argument("--data", default=None, help="data root with eval/mt_bench_{en,ar} (default $DHAD_DATA_DIR)")
-    p.add_argument("--langs", default="en,ar", help="MT-bench languages (comma-separated)")
-    p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
-    p.add_argument("--judge-model", default="gpt-4")
-    p.add_argument("--api-key", default=None, help="judge API key (default $OPENAI_API_KEY)")
-    p.add_argument("--limit", type=int, default=None, help="first N MT-bench questions per language")
-    p.add_argument("--max-new-tokens", type=int, default=mtbench.MAX_NEW_TOKENS)
-    p.add_argument("--prefs", default=None, help="prefs shard directory with held-out pairs")
-    p.add_argument("--prefs-split", default="validation")
-    p.add_argument("--prefs-limit", type=int, default=None)
-    p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (the DPO run's)")
-    p.add_argument("--parallel", type=int, default=4, help="concurrent judge requests")
-
-
-def run(args) -> int:
-    from dhad.cli import CLIError
-    try:
-        r = compare_models(args.model, args.parent, args.out, data_dir=args.data,
-                           langs=[x for x in args.langs.split(",") if x], judge_url=args.judge_url,
-                           judge_model=args.judge_model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
-                           limit=args.limit, max_new_tokens=args.max_new_tokens, prefs_dir=args.prefs,
-                           prefs_split=args.prefs_split, prefs_limit=args.prefs_limit, beta=args.beta,
-                           parallel=args.parallel)
-    except (CompareError, mtbench.MTBenchError) as e:
-        raise CLIError(str(e)) from None
-    print(format_comparison(r))
-    print(f"wrote {args.out}/comparison.json and comparison.md")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(prog="python -m dhad.evaluate.compare", description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    sys.exit(run(ap.parse_args()))

@@ -1,17 +1,15 @@
 """`dhad data translate` and `dhad data synth`: argument parsing over dhad.synth.translate / synth / backends.
 
-Wired into `dhad data` by dhad/data/cli.py (by module name, so that dhad.data never imports this
-package: translation and synthesis drive models, data preparation does not). Library errors
-(TranslateError, SynthError, BackendError, ValueError) become CLIError here and nowhere else.
+Wired into `dhad data` by dhad/cli/data.py. Imports dhad.synth (which drives models through the engine)
+only when a command runs, so that `dhad data prepare` does not pay for it. Library errors
+(TranslateError, SynthError, BackendError, ValueError) become CLIError here.
 """
 from __future__ import annotations
 
 import os
 
 from dhad.cli import CLIError
-from dhad.data.cli import data_default
-from dhad.synth.backends import BackendError
-from dhad.synth.translate import TranslateError
+from dhad.cli.data import data_default
 
 
 def _cli_error(e: BaseException) -> CLIError:
@@ -24,6 +22,8 @@ def _cli_error(e: BaseException) -> CLIError:
 def data_args(data: list[str] | None, flag: str = "--data") -> tuple[list[str], str | None]:
     """(inputs, data_root) from ``--data``: a single directory is also the root ids are relative to."""
     from pathlib import Path
+
+    from dhad.synth.translate import TranslateError
     if not data:
         raise TranslateError(f"no input: pass {flag} PATH ... or set DHAD_DATA_DIR")
     root = data[0] if len(data) == 1 and Path(data[0]).is_dir() else None
@@ -78,6 +78,7 @@ def gen_params_from_args(args, default_temperature: float = 0.0):
 # dhad data translate
 
 def _kv(items: list[str] | None, flag: str) -> dict:
+    from dhad.synth.translate import TranslateError
     out = {}
     for it in items or []:
         for part in it.split(","):
@@ -118,7 +119,7 @@ def add_translate_arguments(parser) -> None:
 
 
 def translate_config(args):
-    from dhad.synth.translate import QualityConfig, TranslateConfig
+    from dhad.synth.translate import QualityConfig, TranslateConfig, TranslateError
     try:
         src, tgt = args.direction.split("-")
     except ValueError:
@@ -142,7 +143,8 @@ def translate_config(args):
 
 
 def run_translate(args) -> int:
-    from dhad.synth.translate import check_config, format_report, resolve_sources, translate_corpus
+    from dhad.synth.backends import BackendError
+    from dhad.synth.translate import TranslateError, check_config, format_report, resolve_sources, translate_corpus
     backend = None
     try:
         cfg = translate_config(args)
@@ -208,8 +210,9 @@ def synth_config(args):
 
 
 def run_synth(args) -> int:
+    from dhad.synth.backends import BackendError
     from dhad.synth.synth import format_report, synth
-    from dhad.synth.translate import resolve_sources
+    from dhad.synth.translate import TranslateError, resolve_sources
     backend = None
     try:
         cfg = synth_config(args)

@@ -1,9 +1,8 @@
 """`dhad data {prepare,sft,prefs,translate,synth}` — thin argument parsing over dhad.data.prepare / sft /
-prefs (translate and synth: dhad.synth.cli)."""
+prefs (translate and synth: dhad.cli.data_synth, over dhad.synth)."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 SUBCOMMANDS = {
@@ -11,20 +10,21 @@ SUBCOMMANDS = {
     "sft": "render instruction/chat data with the chat format into SFT shards (assistant-only loss mask)",
     "prefs": "preference pairs (prompt, chosen, rejected) into DPO shards, with a drop report",
 }
-# Sub-commands that drive a teacher model live above the engine, in dhad.synth (dhad.data never imports
-# it; it is named here by module only): name -> (module, add_arguments, run, help).
+# Sub-commands that drive a teacher model (dhad.synth, above the engine): their arguments are in
+# dhad.cli.data_synth, imported only when asked for: name -> (module, add_arguments, run, help).
 EXTERNAL = {
-    "translate": ("dhad.synth.cli", "add_translate_arguments", "run_translate",
+    "translate": ("dhad.cli.data_synth", "add_translate_arguments", "run_translate",
                   "machine-translate a corpus (en->ar) with a teacher model, resumable, quality-checked"),
-    "synth": ("dhad.synth.cli", "add_synth_arguments", "run_synth",
+    "synth": ("dhad.cli.data_synth", "add_synth_arguments", "run_synth",
               "instruction data by distillation / self-chat with a teacher model"),
 }
 
 
 def data_default() -> list[str] | None:
     """``--data``'s default: ``$DHAD_DATA_DIR`` (for every `dhad data` command)."""
-    d = os.environ.get("DHAD_DATA_DIR")
-    return [d] if d else None
+    from dhad.utils import data_dir
+    d = data_dir()
+    return [str(d)] if d else None
 
 
 def _common(p: argparse.ArgumentParser, what: str):
@@ -91,10 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     import importlib
     for name, (module, add, _, help_) in EXTERNAL.items():
         e = sub.add_parser(name, help=help_, description=help_)
-        try:
-            getattr(importlib.import_module(module), add)(e)
-        except (ImportError, AttributeError) as err:  # a broken optional module must not break prepare/sft/prefs
-            e.set_defaults(_unavailable=f"{module}: {err}")
+        getattr(importlib.import_module(module), add)(e)   # light: it imports dhad.synth only when run
 
 
 def run(args) -> int:
@@ -103,8 +100,6 @@ def run(args) -> int:
     if not cmd:
         raise CLIError(f"choose a subcommand: dhad data {{{','.join([*SUBCOMMANDS, *EXTERNAL])}}} (see dhad data --help)")
     if cmd in EXTERNAL:
-        if getattr(args, "_unavailable", None):
-            raise CLIError(f"dhad data {cmd} is unavailable ({args._unavailable})")
         import importlib
         module, _, run_name, _ = EXTERNAL[cmd]
         return getattr(importlib.import_module(module), run_name)(args)

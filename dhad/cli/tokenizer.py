@@ -12,25 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-
-def _cli_error(msg: str):
-    from dhad.cli import CLIError
-
-    return CLIError(msg)
-
-
-def _data_default() -> str | None:
-    return os.environ.get("DHAD_DATA_DIR")
+from dhad.cli import CLIError
+from dhad.utils import data_dir
 
 
 def _add_corpus_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--input", action="append", default=[], metavar="LANG=PATH[,PATH]",
                    help=f"{what}: .txt (one text per line) / .jsonl files or directories, per language; repeatable")
-    p.add_argument("--data", default=_data_default(),
+    p.add_argument("--data", default=data_dir(),
                    help="data dir whose corpus/arabic and corpus/english are used when --input is not given "
                         "(default: $DHAD_DATA_DIR)")
     p.add_argument("--field", default=None, help="JSONL field holding the text (default: 'text')")
@@ -87,7 +79,7 @@ def _sources(args, inputs):
 
     if not inputs:
         if not args.data:
-            raise _cli_error("no --input given and no --data / $DHAD_DATA_DIR to take corpus/arabic and corpus/english from")
+            raise CLIError("no --input given and no --data / $DHAD_DATA_DIR to take corpus/arabic and corpus/english from")
         root = Path(args.data) / "corpus"
         inputs = [f"arabic={root / 'arabic'}", f"english={root / 'english'}"]
     return parse_sources(inputs, getattr(args, "weight", []) or [], args.field)
@@ -99,7 +91,7 @@ def run(args) -> int:
     try:
         return {"train": _train, "stats": _stats, "extend": _extend}[args.tok_command](args)
     except TokenizerError as e:
-        raise _cli_error(str(e)) from None
+        raise CLIError(str(e)) from None
 
 
 def _train(args) -> int:
@@ -111,7 +103,7 @@ def _train(args) -> int:
         tmpl = None
     elif tmpl.endswith(".jinja"):
         if not Path(tmpl).is_file():
-            raise _cli_error(f"chat template file not found: {tmpl}")
+            raise CLIError(f"chat template file not found: {tmpl}")
         tmpl = Path(tmpl).read_text(encoding="utf-8")
     kw = {}
     if args.kind == "bpe":
@@ -119,7 +111,7 @@ def _train(args) -> int:
               "digit_group": args.digit_group, "chat_template": tmpl, "show_progress": True}
     else:
         if args.normalize:
-            raise _cli_error("--normalize applies to --kind bpe only (SentencePiece models here use identity normalisation)")
+            raise CLIError("--normalize applies to --kind bpe only (SentencePiece models here use identity normalisation)")
         kw = {"chat_template": None if tmpl == "default" else tmpl}
     t0 = time.perf_counter()
     tok = train_tokenizer(sources, args.vocab_size, kind=args.kind, total_chars=int(args.total_chars), seed=args.seed, **kw)
@@ -155,7 +147,7 @@ def _stats(args) -> int:
             if n >= args.max_chars:
                 break
         if not texts:
-            raise _cli_error(f"empty corpus for {src.lang}: {', '.join(map(str, src.paths))}")
+            raise CLIError(f"empty corpus for {src.lang}: {', '.join(map(str, src.paths))}")
         for name, tok in toks:
             r = token_stats(tok, texts, name, src.lang)
             r.vocab_size = tok.vocab_size
@@ -188,7 +180,7 @@ def _extend(args) -> int:
     from dhad.tokenizer import extend_tokenizer, learn_donor, load_tokenizer
 
     if (args.donor is None) == (not args.learn_from):
-        raise _cli_error("give either a DONOR tokenizer or --learn-from LANG=PATH (text to learn the Arabic tokens on)")
+        raise CLIError("give either a DONOR tokenizer or --learn-from LANG=PATH (text to learn the Arabic tokens on)")
     base = load_tokenizer(args.base)
     if args.donor is not None:
         donor = load_tokenizer(args.donor)
