@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parents[1]
 
 
 def shared_pairs() -> list[Path]:
-    root = Path(os.environ.get("DHAD_DATA_DIR", HERE.parent / "shared" / "data")) / "preference" / "derived"
+    from dhad.utils import data_dir
+    root = (data_dir() or HERE.parent / "shared" / "data") / "preference" / "derived"
     files = sorted(root.glob("*_qa_pairs_*.jsonl"))
     if not files:
         raise SystemExit(f"no derived preference pairs under {root} (set DHAD_DATA_DIR)")

@@ -16,7 +16,6 @@ Needs ../shared/data (or $DHAD_DATA_DIR).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -45,8 +44,8 @@ DEFAULT_TASKS = ["hellaswag", "arc_easy", "piqa", "exams_ar", "acva"]
 
 
 def data_root() -> Path:
-    env = os.environ.get("DHAD_DATA_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    from dhad.utils import data_dir
+    return data_dir() or REPO.parent / "shared" / "data"
 
 
 def build_model(out: Path, data: Path, hidden: int, layers: int, vocab: int) -> Path:

@@ -86,8 +86,10 @@ def encode_paths(bpe, sp, texts: list[str], one: list[str], args) -> None:
 
 
 def main() -> int:
+    from dhad.utils import data_dir
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("DHAD_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--data", default=str(data_dir() or REPO.parent / "shared" / "data"))
     ap.add_argument("--chars", type=float, default=4e6, help="training characters per language")
     ap.add_argument("--eval-chars", type=float, default=2e6, help="held-out characters per language for encoding")
     ap.add_argument("--vocab-size", type=int, default=16000)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import socket
 import sys
@@ -42,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def corpus_texts(n_docs: int, rng: random.Random) -> tuple[list[str], list[str]]:
     """(documents to translate, tokenizer training texts) from the shared corpus, else synthetic."""
-    data = Path(os.environ.get("DHAD_DATA_DIR") or REPO.parent / "shared" / "data")
+    from dhad.utils import data_dir
+    data = data_dir() or REPO.parent / "shared" / "data"
     en = data / "corpus" / "english" / "c4_demo_llamafactory.jsonl"
     ar = data / "corpus" / "arabic" / "wikipedia_paragraphs_xquad_arcd.jsonl"
     if en.is_file() and ar.is_file():

@@ -302,7 +302,7 @@ def adapt_init(base: str | Path, tokenizer: str | Path, out: str | Path, donor: 
                center_head: bool = True) -> InitReport:
     """`dhad adapt init`: read a base model dir (+ its tokenizer), an extended tokenizer and optionally a
     donor model dir; write the resized, initialised model with the extended tokenizer to `out`."""
-    import dhad
+    from dhad.checkpoint import load_model, save_model
     from dhad.tokenizer import TokenizerError, load_tokenizer
 
     def _tok(p, what):
@@ -315,7 +315,7 @@ def adapt_init(base: str | Path, tokenizer: str | Path, out: str | Path, donor: 
         p = Path(p)
         if not (p / "config.json").is_file():
             raise AdaptError(f"{what}: {p} is not a model directory (no config.json)")
-        return dhad.load_model(p, dtype="float32")
+        return load_model(p, dtype="float32")
 
     model = _model(base, "base model")
     base_tok = _tok(base_tokenizer or base, "base tokenizer")
@@ -327,7 +327,7 @@ def adapt_init(base: str | Path, tokenizer: str | Path, out: str | Path, donor: 
     rep = extend_model(model, base_tok, ext_tok, dmodel, dtok, method=method, ridge=ridge, holdout=holdout,
                        seed=seed, pad_to_multiple_of=pad_to_multiple_of, center_head=center_head)
     out = Path(out)
-    dhad.save_model(model, out, tokenizer=ext_tok, dtype=dtype)
+    save_model(model, out, tokenizer=ext_tok, dtype=dtype)
     from dhad.utils import atomic_write_bytes
 
     atomic_write_bytes(out / "adapt_report.json", (json.dumps(rep.as_dict(), indent=2) + "\n").encode())

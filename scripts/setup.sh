@@ -24,5 +24,5 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install -q "$spec"
 fi
 echo "[setup] installing dhad and its dependencies"
-$PIP install -q -e ".[test,eval]"
+$PIP install -q -e ".[test,eval,interop]"
 echo "$want" > "$stamp"

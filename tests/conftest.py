@@ -10,16 +10,14 @@ REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["pytester"]  # tests/test_thread_rule.py runs this file's rules on a small suite
 
 
-def shared_root() -> Path:
-    env = os.environ.get("DHAD_DATA_DIR")
-    if env:
-        return Path(env).resolve().parent
-    return REPO.parent / "shared"
-
-
 def data_dir() -> Path:
-    env = os.environ.get("DHAD_DATA_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    """$DHAD_DATA_DIR (dhad.utils.data_dir), else ../shared/data beside the repository."""
+    from dhad.utils import data_dir as dhad_data_dir
+    return dhad_data_dir() or REPO.parent / "shared" / "data"
+
+
+def shared_root() -> Path:
+    return data_dir().resolve().parent
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
 import dhad
 from dhad.checkpoint import CheckpointError
 from dhad.config import Config
 from dhad.model import Transformer
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture

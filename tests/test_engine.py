@@ -222,13 +222,11 @@ def test_shutdown_joins_the_thread_or_says_it_could_not():
     assert not eng._thread.is_alive() and h.result(1).finish_reason == "cancelled"
 
 
-def test_vllm_engine_needs_vllm(tmp_path):
-    try:
-        import vllm  # noqa: F401
-        pytest.skip("vllm is installed")
-    except ImportError:
-        pass
+def test_vllm_engine_needs_vllm(tmp_path, monkeypatch):
+    import sys
+
     from dhad.engine import EngineError
+    monkeypatch.setitem(sys.modules, "vllm", None)   # `import vllm` raises ImportError, installed or not
     with pytest.raises(EngineError, match="needs vLLM"):
         make_engine(tmp_path, engine="vllm")
     with pytest.raises(ValueError, match="unknown engine"):

@@ -169,7 +169,7 @@ HUB_ROWS = {
 def test_hub_task_templates_equal_lm_eval_s(name, tmp_path):
     """Our converter + template on a Hub-schema row == lm-eval's YAML (+ its process_docs) on it;
     the same rows given as a --task-file give the same requests."""
-    datasets = pytest.importorskip("datasets")
+    import datasets
     import lm_eval
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -280,7 +280,6 @@ def test_download_is_accepted_and_the_missing_model_hint_is_true(tiny_dir, share
                  "--data", str(shared_data)]) == 2
     err = capsys.readouterr().err
     assert "could not download 'inceptionai/not-here'" in err and "unrecognized" not in err
-    pytest.importorskip("lm_eval")
     from dhad.evaluate.lm_eval_adapter import DhadLM
     with pytest.raises(FileNotFoundError, match="--download \\(or download=True\\)"):
         DhadLM(pretrained="inceptionai/not-here")

@@ -56,7 +56,7 @@ def build_tiny_llama(out_dir: Path, data: Path, *, hidden: int = 64, layers: int
 def offline(monkeypatch):
     """Offline mode now, also when `datasets` / `huggingface_hub` were imported before (they read the
     variables at import; otherwise each load waits out its network retries)."""
-    datasets = pytest.importorskip("datasets")
+    import datasets
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -20,7 +20,9 @@ import time
 from types import SimpleNamespace
 
 import httpx
+import openai
 import pytest
+from fastapi.testclient import TestClient
 
 import dhad
 from dhad import prompts
@@ -29,9 +31,6 @@ from dhad.generate import SamplingParams, generate_ids, generate_text
 from dhad.serve.app import BackgroundServer, create_app
 from dhad.serve.backend import Backend, load_backend
 from dhad.serve.filters import BlocklistFilter, normalize_with_map
-
-openai = pytest.importorskip("openai")
-from fastapi.testclient import TestClient  # noqa: E402
 
 AR_Q = "كيف أجهز كوب شاهي؟"
 EN_Q = "Hello, who are you?"

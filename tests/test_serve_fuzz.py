@@ -30,13 +30,12 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
 import requests
-
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.checks import CHECKS, is_check_class, load_all_checks  # noqa: E402
-from schemathesis.config import SchemathesisConfig  # noqa: E402
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.checks import CHECKS, is_check_class, load_all_checks
+from schemathesis.config import SchemathesisConfig
 
 TOTAL_CASES = int(os.environ.get("DHAD_FUZZ_CASES", "5200"))
 OPERATIONS = [("/health", "GET"), ("/v1/models", "GET"), ("/v1/models/{model}", "GET"), ("/score", "POST"),

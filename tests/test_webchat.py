@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright import sync_api   # the `test` extra installs it; the browser is Debian's chromium
 
 import dhad
 from dhad.generate import generate_text
@@ -24,7 +25,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
     pytest.skip("Debian's chromium is not installed (apt-get install -y chromium); the web chat test needs a real "
                 "browser", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]

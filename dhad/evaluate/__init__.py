@@ -15,5 +15,7 @@ A new benchmark is one `register(Task(...))` in tasks.py (card_tasks.py for the 
 reader for its files, a prompt template and its metrics (docs/evaluation.md). The command is
 dhad/cli/eval.py; the DPO-vs-parent comparison is dhad.train.compare (it needs the DPO objective).
 
-Submodules are imported on use (this package pulls in neither torch nor lm-eval by itself).
+Importing the package registers every task (tasks.py's and card_tasks.py's; no cycle: card_tasks imports
+tasks, never the other way); other submodules are imported on use (neither torch nor lm-eval by itself).
 """
+from dhad.evaluate import card_tasks  # noqa: F401 - registers the cards' remaining tasks in tasks.TASKS

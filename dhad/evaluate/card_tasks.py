@@ -1,6 +1,7 @@
 """The Jais card's remaining columns: CrowS-Pairs and the Arabic-translated benchmarks.
 
-Registered into `dhad.evaluate.tasks.TASKS` when that module is imported (it imports this one last).
+Registered into `dhad.evaluate.tasks.TASKS` by dhad/evaluate/__init__.py, which imports this module: any
+import of dhad.evaluate.* (the package first) sees every task.
 Data: `eval/crows_pairs/` and `eval/okapi_ar/` (see `data/eval/MANIFEST-part2.md`); the rest is on the
 Hugging Face Hub only (`--hub`) or not public at all (`--task-file NAME=FILE` reads a user's copy).
 

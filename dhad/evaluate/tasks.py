@@ -619,9 +619,6 @@ for _mc in ("mc1", "mc2"):
         harness=f"truthfulqa_{_mc} (lm-eval; truthful_qa multiple_choice, v0 file)",
         hub=HubSpec("truthfulqa/truthful_qa", ("multiple_choice",), {"validation": "validation"})))
 
-# CrowS-Pairs and the Arabic-translated benchmarks (the Jais card's remaining columns)
-from dhad.evaluate import card_tasks  # noqa: E402,F401  (registers its tasks)
-
 # Name groups the CLI accepts in --tasks
 GROUPS = {
     "arabic": ["arabicmmlu", "mmlu_ar", "exams_ar", "acva"],
@@ -631,7 +628,7 @@ GROUPS = {
 GROUPS["crows_pairs"] = ["crows_pairs_english", "crows_pairs_french"]
 GROUPS["arabic_mt"] = ["arc_ar", "arc_easy_ar", "truthfulqa_ar_mc1", "truthfulqa_ar_mc2", "m_mmlu_ar"]
 GROUPS["all"] = GROUPS["arabic"] + GROUPS["english"]
-# what the cards' tables can be filled with from public data (see report.CARD_TABLES)
+# what the cards' tables can be filled with from public data (see results.CARD_TABLES)
 GROUPS["jais_card"] = ["arabicmmlu", "mmlu_ar", "exams_ar", "arc_ar_jais", "truthfulqa_ar_mc2_jais",
                        *GROUPS["english"], "crows_pairs_english"]
 GROUPS["allam_card"] = ["mmlu", "mmlu_ar", "arabicmmlu", "exams_ar", "acva"]
