@@ -142,16 +142,17 @@ def translate_config(args):
         gen=gen_params_from_args(args, 0.0), overwrite=args.overwrite, progress=not args.no_progress)
 
 
-def run_translate(args) -> int:
+def _run_with_teacher(args, make_config, check, work, format_report) -> int:
+    """Build the config and check its inputs before loading a teacher (a bad path fails in a second, not
+    after a model load); run `work(cfg, backend)`; close the teacher; print the report."""
     from dhad.synth.backends import BackendError
-    from dhad.synth.translate import TranslateError, check_config, format_report, resolve_sources, translate_corpus
+    from dhad.synth.translate import TranslateError
     backend = None
     try:
-        cfg = translate_config(args)
-        check_config(cfg)
-        resolve_sources(list(cfg.inputs), cfg.data_root, cfg.sources)   # fail on a bad source before loading a model
+        cfg = make_config(args)
+        check(cfg)
         backend = backend_from_args(args)
-        report = translate_corpus(cfg, backend)
+        report = work(cfg, backend)
     except (TranslateError, BackendError, ValueError) as e:
         raise _cli_error(e) from None
     finally:
@@ -159,6 +160,16 @@ def run_translate(args) -> int:
             backend.close()
     print(format_report(report))
     return 0
+
+
+def run_translate(args) -> int:
+    from dhad.synth.translate import check_config, format_report, resolve_sources, translate_corpus
+
+    def check(cfg):
+        check_config(cfg)
+        resolve_sources(list(cfg.inputs), cfg.data_root, cfg.sources)
+
+    return _run_with_teacher(args, translate_config, check, translate_corpus, format_report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,19 +221,7 @@ def synth_config(args):
 
 
 def run_synth(args) -> int:
-    from dhad.synth.backends import BackendError
     from dhad.synth.synth import format_report, synth
-    from dhad.synth.translate import TranslateError, resolve_sources
-    backend = None
-    try:
-        cfg = synth_config(args)
-        resolve_sources(list(cfg.seeds), cfg.data_root)   # fail on a bad seed path before loading a model
-        backend = backend_from_args(args)
-        report = synth(cfg, backend)
-    except (TranslateError, BackendError, ValueError) as e:
-        raise _cli_error(e) from None
-    finally:
-        if backend is not None:
-            backend.close()
-    print(format_report(report))
-    return 0
+    from dhad.synth.translate import resolve_sources
+    return _run_with_teacher(args, synth_config, lambda cfg: resolve_sources(list(cfg.seeds), cfg.data_root), synth,
+                             format_report)
