@@ -10,7 +10,7 @@ Design choices
   calls. Two layouts, same numbers (tests check both against TRL):
   * ``share_prompt=True`` (default): one row per pair, ``prompt + chosen + rejected``, as a token tree
     (the eval engine's layout): both answers sit at the positions that follow the prompt and see the
-    prompt and themselves only, through an explicit attention bias (`Transformer.hidden_states`). The
+    prompt and themselves only, through the model's "may attend" mask (`Transformer.hidden_states`). The
     prompt is computed once and both answers' gradients flow into it. Prompts are usually much longer
     than answers (QA context, multi-turn history), so this nearly halves the tokens processed per step.
     The last layer and the LM head run only at the positions that predict answer tokens. It is one
@@ -62,6 +62,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from dhad.train import distributed as D
 
 LOSSES = ("sigmoid", "ipo")
 REFERENCES = ("auto", "precomputed", "frozen")
@@ -305,11 +307,6 @@ def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(logits.float(), targets, reduction="none")
 
 
-def _inner(model):
-    """The Transformer inside a DDP wrapper (an FSDP2 model is its own root)."""
-    return getattr(model, "module", model)
-
-
 def sequence_logps(model, batch: dict) -> torch.Tensor:
     """[2B] summed log-probs of each answer (chosen rows first), from ONE forward of `model` over the pair batch."""
     if "tree_ids" in batch:
@@ -322,16 +319,11 @@ def sequence_logps(model, batch: dict) -> torch.Tensor:
 
 
 def _tree_logps(model, batch: dict) -> torch.Tensor:
-    inner = _inner(model)
     ids, pos, br = batch["tree_ids"], batch["tree_pos"], batch["tree_branch"]
     # a token sees earlier positions of the prompt and of its own branch
     allowed = ((pos[:, None, :] <= pos[:, :, None]) & (br[:, None, :] >= 0)
                & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])))
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=ids.device).masked_fill_(
-        ~allowed, torch.finfo(inner.dtype).min)[:, None]  # [B, 1, T, T]
-    if inner.config.position == "alibi":  # distances by position, not slot
-        bias = bias + inner.alibi_bias(pos, pos, None)
-    logits = model(ids, position_ids=pos, attn_bias=bias, output_positions=batch["tree_out"])  # [B, n, V]
+    logits = model(ids, positions=pos, mask=allowed, keep=batch["tree_out"])  # [B, n, V]
     lp = _token_logps(logits[batch["lp_row"], batch["lp_col"]], batch["lp_target"])
     return torch.zeros(2 * ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, batch["lp_owner"], lp)
 
@@ -442,9 +434,8 @@ def compute_logps(model, pairs: Sequence[Pair], batch_size: int = 16, share_prom
     was_training = model.training
     model.eval()
     order = _length_order(pairs)
-    world, rank = 1, 0
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    env = D.current_env(device)
+    world, rank = env.world_size, env.rank
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     n_local = math.ceil(len(batches) / world)
     mine = batches[rank::world] + [batches[0]] * (n_local - len(batches[rank::world]))  # pad with a dummy
@@ -469,24 +460,6 @@ def compute_logps(model, pairs: Sequence[Pair], batch_size: int = 16, share_prom
             out[ok] = g[ok]
     model.train(was_training)
     return out.cpu()
-
-
-def _dist() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _is_main() -> bool:
-    return not _dist() or torch.distributed.get_rank() == 0
-
-
-def _all_ranks(flag: bool, device=None) -> bool:
-    """True when `flag` holds on every process (MIN all-reduce; NCCL reduces CUDA tensors only)."""
-    if not _dist():
-        return flag
-    dev = device if torch.distributed.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=dev)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -545,10 +518,11 @@ def cached_reference_logps(model, pairs: Sequence[Pair], path: str | os.PathLike
             t = None
     # Every rank must take the same branch: computing is collective (all_gather). A rank that cannot
     # read the cache (no shared filesystem, a file replaced meanwhile) makes all of them recompute.
-    if _all_ranks(t is not None, device):
+    env = D.current_env(device or next(model.parameters()).device)
+    if not D.any_flag(t is None, env):
         return t, True
     t = compute_logps(model, pairs, batch_size, share_prompt, device, autocast_dtype, progress, desc)
-    if _is_main():
+    if env.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         save_file({"logps": t.contiguous(), "index": torch.tensor([p.index for p in pairs], dtype=torch.long)},
@@ -724,7 +698,7 @@ class DPOObjective(_Objective):
 
     # -- reference ------------------------------------------------------------------------------
     def setup(self, model, recipe, device, run_dir=None, **_) -> None:
-        inner = _inner(model)
+        inner = D.unwrap(model)
         self.device = torch.device(device)
         self.block_size = inner.config.block_size
         self.vocab_size = inner.config.vocab_size
@@ -781,14 +755,12 @@ class DPOObjective(_Objective):
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
             self.ref_model.eval()
-            if getattr(recipe, "distributed", "none") == "fsdp" and _dist():
+            env = D.current_env(self.device)
+            if getattr(recipe, "distributed", "none") == "fsdp" and env.distributed:
                 # shard the frozen copy like the policy: a whole second model per GPU would undo FSDP's saving.
                 # Its forwards are collective, which holds: every rank runs the same micro batches (the
                 # loop pads evaluation rounds with lockstep-only batches).
-                from dhad.train.distributed import DistEnv, wrap_model
-                wrap_model(self.ref_model, "fsdp", DistEnv(torch.distributed.get_rank(),
-                           torch.distributed.get_world_size(), device=self.device),
-                           getattr(recipe, "precision", "fp32"))
+                D.wrap_model(self.ref_model, "fsdp", env, getattr(recipe, "precision", "fp32"))
         self._write_report({"reference": {"mode": self.reference, "tables": info,
                                           "seconds": round(time.perf_counter() - t0, 3)},
                             "layout": "tree" if self.share_prompt else "concatenated"})
@@ -797,7 +769,7 @@ class DPOObjective(_Objective):
         rep = {"config": asdict(self.cfg), **extra,
                "pairs": {k: r.to_dict() for k, r in self.reports.items()}}
         self.summary = rep
-        is_main = _is_main()
+        is_main = D.current_env(self.device).is_main
         if self.run_dir is not None and is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.run_dir / (REPORT + f".tmp-{os.getpid()}")
@@ -854,13 +826,8 @@ class DPOObjective(_Objective):
         self._acc[mode] += v
 
     def _drain(self, mode: str) -> dict:
-        acc = self._acc[mode].clone()
+        acc = D.all_reduce_sum(self._acc[mode].clone(), D.current_env(self.device))
         self._acc[mode].zero_()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            dev = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-            acc = acc.to(dev)
-            torch.distributed.all_reduce(acc)
-            acc = acc.cpu()
         s = dict(zip(_STATS, acc.tolist()))
         n = s["n"]
         if not n:

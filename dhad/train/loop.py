@@ -51,6 +51,7 @@ from dhad.train.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
+from dhad.train.kernels import apply_training_kernels
 from dhad.train.loader import Mixture
 from dhad.train.metrics import MetricsLogger, measure_peak_flops, truncate_after
 from dhad.train.objectives import Objective, get_objective
@@ -154,10 +155,10 @@ def materialize(model: Transformer, recipe: Recipe, device) -> None:
     each rank writing only its shards."""
     model.to_empty(device=device)
     if recipe.model.preset:
-        model.init_weights(recipe.seed)
+        model.init_weights(recipe.seed, assign=D.assign_full)
     else:
         from dhad.checkpoint import load_into
-        load_into(model, recipe.model.init_from)
+        load_into(model, recipe.model.init_from, assign=D.assign_full)
 
 
 def _tokenizer_path(recipe: Recipe) -> Path | None:
@@ -351,7 +352,7 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
 
     # -- data + model -------------------------------------------------------------------------
     paths = {n: Path(p) for n, p in recipe.data.sources.items()}
-    model = build_model(recipe)
+    model = apply_training_kernels(build_model(recipe))
     cfg = model.config
     tok_path = _tokenizer_path(recipe)
     sets = _check_shards(recipe, objective, paths, cfg, tok_path)
