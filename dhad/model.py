@@ -37,7 +37,6 @@ from dhad.config import Config
 # ---------------------------------------------------------------------------------------------
 # Positions
 
-
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """ALiBi head slopes (Press et al.; the Jais/Bloom construction for non-powers of two)."""
     def pow2(n):
@@ -116,10 +115,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.rotate, self.attend = apply_rope, attend
 
-    def forward(self, x, rope, bias, is_causal, cache=None, keep=None):
-        """keep [B, n] (optional): queries only at these positions of x -- every token's keys and
-        values are still computed and attended to -- and the output is [B, n, E]."""
+    def forward(self, x, rope, bias, cache=None, keep=None):
+        """bias: additive [B, 1 | H, T, S], or None: causal without a cache, every key with one.
+        keep [B, n] (optional): queries only at these positions of x -- every token's keys and values
+        are still computed and attended to -- and the output is [B, n, E]."""
         B, T, _ = x.shape
+        is_causal = cache is None
         nq, nkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         if keep is None:
             q, k, v = self.qkv(x).split([nq, nkv, nkv], dim=-1)
@@ -206,9 +207,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, bias, is_causal, cache=None, keep=None):
+    def forward(self, x, rope, bias, cache=None, keep=None):
         """keep [B, n]: compute the block's output only at these positions (see Attention)."""
-        h = self.attn(self.ln_1(x), rope, bias, is_causal, cache, keep)
+        h = self.attn(self.ln_1(x), rope, bias, cache, keep)
         x = (x if keep is None else take(x, keep)) + h
         return x + self.mlp(self.ln_2(x))
 
@@ -282,13 +283,9 @@ class Transformer(nn.Module):
                 full = torch.zeros(p.shape) if name.endswith("bias") else torch.ones(p.shape)
             else:
                 s = std if name.startswith(("wte", "wpe", "lm_head")) else hidden_std
-                if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                    s = s / math.sqrt(2 * c.n_layer)
+                s = s / math.sqrt(2 * c.n_layer) if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else s
                 full = torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(s)
-            if assign is None:
-                p.copy_(full)
-            else:
-                assign(p, full)
+            (assign or torch.Tensor.copy_)(p, full)
         return self.reset_buffers()
 
     @property
@@ -300,28 +297,17 @@ class Transformer(nn.Module):
         return self.wte.weight.device
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        seen, n = set(), 0
-        for name, p in self.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if not include_embeddings and name.startswith(("wte", "wpe", "lm_head")):
-                continue
-            n += p.numel()
-        return n
+        return sum(p.numel() for name, p in self.named_parameters()  # a tied lm_head is listed once, as wte
+                   if include_embeddings or not name.startswith(("wte", "wpe", "lm_head")))
 
-    def _slopes(self, key_len: torch.Tensor | None) -> torch.Tensor:
-        """ALiBi slopes [B | 1, H] after `alibi_scaling`, for the key lengths [B] of each row."""
-        s = self.alibi_slopes[None, :]
-        sc = self.config.alibi_scaling
-        if sc:
-            if sc.get("factor") is not None:
-                s = s / float(sc["factor"])
-            elif sc.get("train_seq_len") is not None and key_len is not None:
-                n = float(sc["train_seq_len"])
-                f = torch.clamp(key_len.float() / n, min=1.0)  # only when the key length exceeds n
-                s = s / f[:, None]
-        return s
+    def _slopes(self, key_len: torch.Tensor) -> torch.Tensor:
+        """ALiBi slopes after `alibi_scaling`, for key lengths [B] (-> [B | 1, H]) or [B, T] (-> [B, H, T])."""
+        s, sc = self.alibi_slopes[None, :], self.config.alibi_scaling or {}
+        if sc.get("factor") is not None:
+            s = s / float(sc["factor"])
+        elif sc.get("train_seq_len") is not None:  # divided by key_len / n once the key length exceeds n
+            s = s / torch.clamp(key_len.flatten().float() / float(sc["train_seq_len"]), min=1.0)[:, None]
+        return s.expand(key_len.numel(), -1).unflatten(0, key_len.shape).transpose(1, 2) if key_len.dim() == 2 else s
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -389,10 +375,7 @@ class Transformer(nn.Module):
             bias = torch.zeros(may.shape, dtype=torch.float32, device=dev).masked_fill_(
                 ~may, torch.finfo(self.dtype).min)[:, None]  # [B, 1, T, S]
             if c.position == "alibi":
-                lens = alibi_len if alibi_len is not None else q_slots[:, -1] + 1
-                slopes = self._slopes(lens.flatten())
-                if lens.dim() == 2:  # per query: [B, H, T]
-                    slopes = slopes.expand(B * T, -1).reshape(B, T, -1).transpose(1, 2)
+                slopes = self._slopes(alibi_len if alibi_len is not None else q_slots[:, -1] + 1)
                 bias = bias + alibi_bias(slopes, positions, key_pos)
             bias = bias.to(self.dtype)
 
@@ -408,7 +391,7 @@ class Transformer(nn.Module):
 
         out = keep if torch.is_tensor(keep) else None
         for i, block in enumerate(self.h):
-            x = block(x, rope, bias, cache is None, cache, out if i == len(self.h) - 1 else None)
+            x = block(x, rope, bias, cache, out if i == len(self.h) - 1 else None)
         x = self.ln_f(x)
         return x[:, -keep:] if isinstance(keep, int) else x
 
@@ -423,6 +406,13 @@ class _Write(NamedTuple):
     n_keys: int               # slots attended: max_len (static) or the fullest row's fill level
     start: int | None         # the common first slot when every row is equally full: a slice write
     uniform: bool             # one token per row, equal fill levels, no padding anywhere: no mask needed
+
+
+def _row_state(batch_size: int, max_len: int, device) -> list[torch.Tensor]:
+    """lengths, valid, pos, n_real of an empty cache."""
+    return [torch.zeros(size, dtype=dt, device=device) for size, dt in
+            (((batch_size,), torch.long), ((batch_size, max_len), torch.bool), ((batch_size, max_len), torch.long),
+             ((batch_size,), torch.long))]
 
 
 @dataclass
@@ -450,48 +440,27 @@ class KVCache:
     def empty(cls, config: Config, batch_size: int, max_len: int, dtype=torch.float32, device="cpu",
               static: bool = False) -> KVCache:
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        return cls(
-            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)],
-            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)],
-            lengths=torch.zeros(batch_size, dtype=torch.long, device=device),
-            valid=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
-            pos=torch.zeros(batch_size, max_len, dtype=torch.long, device=device),
-            n_real=torch.zeros(batch_size, dtype=torch.long, device=device),
-            static=static,
-        )
+        kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * config.n_layer)]
+        return cls(kv[0::2], kv[1::2], *_row_state(batch_size, max_len, device), static)
 
     @classmethod
     def from_prefix(cls, prefix: KVCache, batch_size: int, max_len: int) -> KVCache:
         """``batch_size`` rows of ``max_len`` slots, each starting with row 0 of ``prefix`` (a shared
-        prompt or few-shot block computed once)."""
-        n = int(prefix.lengths[0])
-        if n > max_len:
-            raise ValueError(f"prefix of {n} slots does not fit a cache of {max_len}")
-        _, H, _, D = prefix.k[0].shape
-        z = dict(dtype=prefix.k[0].dtype, device=prefix.k[0].device)
-        k = [torch.empty(batch_size, H, max_len, D, **z) for _ in prefix.k]
-        v = [torch.empty(batch_size, H, max_len, D, **z) for _ in prefix.v]
-        for dst, src in zip(k + v, prefix.k + prefix.v):
-            dst[:, :, :n] = src[:1, :, :n]
-        valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=prefix.valid.device)
-        valid[:, :n] = prefix.valid[:1, :n]
-        pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=prefix.pos.device)
-        pos[:, :n] = prefix.pos[:1, :n]
-        return cls(k=k, v=v, lengths=prefix.lengths[:1].repeat(batch_size), valid=valid, pos=pos,
-                   n_real=prefix.n_real[:1].repeat(batch_size))
+        prompt or few-shot block computed once; k/v past it are not zeroed: fill every row)."""
+        B, H, _, D = prefix.k[0].shape
+        kv = [torch.empty(batch_size, H, max_len, D, dtype=t.dtype, device=t.device) for t in prefix.k + prefix.v]
+        cache = cls(kv[:len(prefix.k)], kv[len(prefix.k):], *_row_state(batch_size, max_len, prefix.valid.device))
+        cache.copy_row(prefix, 0, slice(None))
+        return cache
 
     @property
     def max_len(self) -> int:
         return self.valid.shape[1]
 
-    @property
-    def batch_size(self) -> int:
-        return self.valid.shape[0]
-
     def rows(self, lo: int, hi: int) -> KVCache:
         """Rows lo..hi-1 as a cache sharing this one's storage (what runs, what is written, is theirs)."""
-        return KVCache(k=[t[lo:hi] for t in self.k], v=[t[lo:hi] for t in self.v], lengths=self.lengths[lo:hi],
-                       valid=self.valid[lo:hi], pos=self.pos[lo:hi], n_real=self.n_real[lo:hi], static=self.static)
+        return KVCache([t[lo:hi] for t in self.k], [t[lo:hi] for t in self.v], self.lengths[lo:hi],
+                       self.valid[lo:hi], self.pos[lo:hi], self.n_real[lo:hi], self.static)
 
     def reset_rows(self, rows) -> None:
         """Free rows for new sequences (continuous batching). Stale k/v are masked by `valid`."""
@@ -500,14 +469,13 @@ class KVCache:
         self.n_real[rows] = 0
         self.valid[rows] = False
 
-    def copy_row(self, src: KVCache, src_row: int, dst_row: int) -> None:
-        """Copy one sequence from another cache (e.g. a prefilled prompt) into row `dst_row`."""
+    def copy_row(self, src: KVCache, src_row: int, dst_row: int | slice) -> None:
+        """Copy one sequence from another cache (e.g. a prefilled prompt) into row(s) `dst_row`."""
         n = int(src.lengths[src_row])
         if n > self.max_len:
             raise ValueError(f"sequence of {n} slots does not fit a cache of {self.max_len}")
-        for layer in range(len(self.k)):
-            self.k[layer][dst_row, :, :n] = src.k[layer][src_row, :, :n]
-            self.v[layer][dst_row, :, :n] = src.v[layer][src_row, :, :n]
+        for dst, t in zip(self.k + self.v, src.k + src.v):
+            dst[dst_row, :, :n] = t[src_row, :, :n]
         self.valid[dst_row] = False
         self.valid[dst_row, :n] = src.valid[src_row, :n]
         self.pos[dst_row, :n] = src.pos[src_row, :n]
@@ -518,7 +486,7 @@ class KVCache:
         """Take the next T slots of every row for a forward's new tokens: record which are real (``real``
         [B, T], default all) and their positions (default: continuing each row's count of real tokens).
         Returns the positions [B, T]; the layers then write their keys/values with `update`."""
-        B, dev = self.batch_size, self.lengths.device
+        B, dev = self.valid.shape[0], self.lengths.device
         slots = self.lengths[:, None] + torch.arange(T, device=dev)  # [B, T]
         rows = torch.arange(B, device=dev)[:, None]
         start = None
