@@ -14,8 +14,8 @@ Design choices (all switched by `Config` flags, never by model name):
   causal) and padding (`attention_mask`, 1 = real token). The model turns them into one additive bias,
   padding never attended, ALiBi's -slope * |distance| measured between positions. Packed sequences,
   token trees (a prompt shared by several continuations) and prefix caches are all such masks.
-- A `KVCache` with per-row fill levels (continuous batching): `extend` reserves the slots of a step,
-  each layer's attention writes its keys/values with `update`.
+- A `KVCache` with per-row fill levels (continuous batching): `KVCache.extend` takes the slots of one
+  forward and returns a `KVWrite`, whose `update(layer, k, v)` each attention layer calls.
 - The functions a block runs (`RMSNorm.norm`, `Attention.rotate` / `attend`, `MLP.act`) and the loss
   (`Transformer.loss`) are attributes: training swaps in fused kernels with the same numbers
   (`dhad.train.kernels.apply_training_kernels`).
@@ -25,7 +25,7 @@ The model is a pure nn.Module: no optimizer, sampling, parallelism or checkpoint
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -115,12 +115,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.rotate, self.attend = apply_rope, attend
 
-    def forward(self, x, rope, bias, cache=None, keep=None):
+    def forward(self, x, rope, bias, kv=None, keep=None):
         """bias: additive [B, 1 | H, T, S], or None: causal without a cache, every key with one.
+        kv: a `KVWrite` (this forward's slots in a KV cache) or None.
         keep [B, n] (optional): queries only at these positions of x -- every token's keys and values
         are still computed and attended to -- and the output is [B, n, E]."""
         B, T, _ = x.shape
-        is_causal = cache is None
+        is_causal = kv is None
         nq, nkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         if keep is None:
             q, k, v = self.qkv(x).split([nq, nkv, nkv], dim=-1)
@@ -141,8 +142,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = self.rotate(q, *rope_q), self.rotate(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+        if kv is not None:
+            k, v = kv.update(self.layer, k, v)
         if Tq == 0:
             return x.new_zeros(B, 0, self.proj.out_features)
         y = self.attend(q, k, v, bias, is_causal, self.config.attn_scale)
@@ -207,9 +208,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, bias, cache=None, keep=None):
+    def forward(self, x, rope, bias, kv=None, keep=None):
         """keep [B, n]: compute the block's output only at these positions (see Attention)."""
-        h = self.attn(self.ln_1(x), rope, bias, cache, keep)
+        h = self.attn(self.ln_1(x), rope, bias, kv, keep)
         x = (x if keep is None else take(x, keep)) + h
         return x + self.mlp(self.ln_2(x))
 
@@ -356,19 +357,23 @@ class Transformer(nn.Module):
             if positions is None:
                 positions = ((real.long().cumsum(-1) - 1).clamp(min=0) if real is not None
                              else arange[None, :].expand(B, T))
-            q_slots = k_slots = arange[None, :].expand(B, T)
-            key_real, key_pos, uniform = real, positions, real is None
+            q_slots = arange[None, :].expand(B, T)
+            uniform = real is None
         else:
-            positions = cache.extend(T, real, positions)
-            w = cache.write
-            q_slots, k_slots = w.slots, torch.arange(w.n_keys, device=dev)[None, :].expand(B, w.n_keys)
-            key_real, key_pos, uniform = cache.valid[:, :w.n_keys], cache.pos[:, :w.n_keys], w.uniform
+            kv = cache.extend(T, real, positions)
+            positions, q_slots, uniform = kv.positions, kv.slots, kv.uniform
 
         # One additive bias for everything a query may not see (and ALiBi). None when every key is
         # visible causally and nothing else applies: without a cache the fused causal kernel runs, and
         # one new token per row at one fill level, no padding (the usual decode step), sees all keys.
         bias = None
         if c.position == "alibi" or mask is not None or not uniform:
+            if cache is None:
+                k_slots, key_real, key_pos = q_slots, real, positions
+            else:
+                n = kv.n_keys
+                k_slots = torch.arange(n, device=dev)[None, :].expand(B, n)
+                key_real, key_pos = cache.valid[:, :n], cache.pos[:, :n]
             may = mask if mask is not None else k_slots[:, None, :] <= q_slots[:, :, None]  # [B, T, S]
             if key_real is not None:
                 may = may & key_real[:, None, :]
@@ -391,7 +396,7 @@ class Transformer(nn.Module):
 
         out = keep if torch.is_tensor(keep) else None
         for i, block in enumerate(self.h):
-            x = block(x, rope, bias, cache, out if i == len(self.h) - 1 else None)
+            x = block(x, rope, bias, kv if cache is not None else None, out if i == len(self.h) - 1 else None)
         x = self.ln_f(x)
         return x[:, -keep:] if isinstance(keep, int) else x
 
@@ -399,13 +404,29 @@ class Transformer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # KV cache
 
-class _Write(NamedTuple):
-    """Where one forward's new tokens go (set by `KVCache.extend`, used by every layer's `update`)."""
-    slots: torch.Tensor       # [B, T] slot of each new token
-    rows: torch.Tensor        # [B, 1] row index
-    n_keys: int               # slots attended: max_len (static) or the fullest row's fill level
-    start: int | None         # the common first slot when every row is equally full: a slice write
-    uniform: bool             # one token per row, equal fill levels, no padding anywhere: no mask needed
+class KVWrite(NamedTuple):
+    """Where one forward's new tokens go in a `KVCache` (what `KVCache.extend` returns): every
+    attention layer writes its keys/values through `update`. Passed down, not stored on the cache,
+    so a compiled decode step mutates no Python state."""
+    cache: KVCache
+    positions: torch.Tensor    # [B, T] the new tokens' positions
+    slots: torch.Tensor        # [B, T] their slots
+    rows: torch.Tensor | None  # [B, 1] row index (for scattered writes)
+    n_keys: int                # slots attended: max_len (static) or the fullest row's fill level
+    start: int | None          # the common first slot when every row is equally full: a slice write
+    uniform: bool              # one token per row, equal fill levels, no padding anywhere: no mask needed
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one layer's new keys/values [B, Hk, T, D]; return the keys and values attention
+        reads: [B, Hk, n_keys, D]."""
+        k_all, v_all = self.cache.k[layer], self.cache.v[layer]
+        if self.start is not None:  # every row writes at the same slot: a plain slice copy
+            k_all[:, :, self.start:self.start + k.shape[2]] = k
+            v_all[:, :, self.start:self.start + v.shape[2]] = v
+        else:
+            k_all[self.rows, :, self.slots] = k.transpose(1, 2).to(k_all.dtype)
+            v_all[self.rows, :, self.slots] = v.transpose(1, 2).to(v_all.dtype)
+        return k_all[:, :, :self.n_keys], v_all[:, :, :self.n_keys]
 
 
 def _row_state(batch_size: int, max_len: int, device) -> list[torch.Tensor]:
@@ -434,7 +455,6 @@ class KVCache:
     pos: torch.Tensor
     n_real: torch.Tensor
     static: bool = False
-    write: _Write | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls, config: Config, batch_size: int, max_len: int, dtype=torch.float32, device="cpu",
@@ -482,13 +502,12 @@ class KVCache:
         self.lengths[dst_row] = n
         self.n_real[dst_row] = src.n_real[src_row]
 
-    def extend(self, T: int, real: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def extend(self, T: int, real: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> KVWrite:
         """Take the next T slots of every row for a forward's new tokens: record which are real (``real``
         [B, T], default all) and their positions (default: continuing each row's count of real tokens).
-        Returns the positions [B, T]; the layers then write their keys/values with `update`."""
+        The layers then write their keys/values with the returned `KVWrite`'s `update`."""
         B, dev = self.valid.shape[0], self.lengths.device
         slots = self.lengths[:, None] + torch.arange(T, device=dev)  # [B, T]
-        rows = torch.arange(B, device=dev)[:, None]
         start = None
         if self.static:
             n_keys = self.max_len
@@ -498,6 +517,7 @@ class KVCache:
                 raise ValueError(f"KV cache overflow: need {n_keys} slots, cache holds {self.max_len}")
             if bool((self.lengths == self.lengths[0]).all()):
                 start = int(self.lengths[0])
+        rows = torch.arange(B, device=dev)[:, None] if start is None else None
         is_real = real if real is not None else True
         if start is not None:
             self.valid[:, start:start + T] = is_real
@@ -513,17 +533,4 @@ class KVCache:
             self.pos[rows, slots] = positions
         uniform = T == 1 and start is not None and bool(self.valid[:, :n_keys].all())
         self.lengths += T
-        self.write = _Write(slots, rows, n_keys, start, uniform)
-        return positions
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one layer's new keys/values [B, Hk, T, D] at the slots `extend` took; return the keys and
-        values attention reads: [B, Hk, n_keys, D]."""
-        w, k_all, v_all = self.write, self.k[layer], self.v[layer]
-        if w.start is not None:  # every row writes at the same slot: a plain slice copy
-            k_all[:, :, w.start:w.start + k.shape[2]] = k
-            v_all[:, :, w.start:w.start + v.shape[2]] = v
-        else:
-            k_all[w.rows, :, w.slots] = k.transpose(1, 2).to(k_all.dtype)
-            v_all[w.rows, :, w.slots] = v.transpose(1, 2).to(v_all.dtype)
-        return k_all[:, :, :w.n_keys], v_all[:, :, :w.n_keys]
+        return KVWrite(self, positions, slots, rows, n_keys, start, uniform)
