@@ -357,8 +357,7 @@ class Transformer(nn.Module):
             if positions is None:
                 positions = ((real.long().cumsum(-1) - 1).clamp(min=0) if real is not None
                              else arange[None, :].expand(B, T))
-            q_slots = arange[None, :].expand(B, T)
-            uniform = real is None
+            q_slots, uniform, kv = arange[None, :].expand(B, T), real is None, None
         else:
             kv = cache.extend(T, real, positions)
             positions, q_slots, uniform = kv.positions, kv.slots, kv.uniform
@@ -396,7 +395,7 @@ class Transformer(nn.Module):
 
         out = keep if torch.is_tensor(keep) else None
         for i, block in enumerate(self.h):
-            x = block(x, rope, bias, kv if cache is not None else None, out if i == len(self.h) - 1 else None)
+            x = block(x, rope, bias, kv, out if i == len(self.h) - 1 else None)
         x = self.ln_f(x)
         return x[:, -keep:] if isinstance(keep, int) else x
 

@@ -290,3 +290,28 @@ def test_rope_training_path_equals_autograd_through_rotate_half():
         assert out.is_contiguous() and a.grad.stride() == b.grad.stride()
         torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=tol, atol=tol)
+
+
+def test_the_training_loop_runs_with_the_kernels(tmp_path):
+    """`dhad train` (dhad.train.loop.train) applies every training kernel to the model it trains."""
+    import numpy as np
+
+    from dhad.data.shards import ShardWriter
+    from dhad.train.loop import train
+    from dhad.train.recipe import parse_recipe
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation"):
+        with ShardWriter(tmp_path / "en", split, "pretrain", vocab_size=512, eos_token_id=0) as w:
+            for _ in range(20):
+                w.add(rng.integers(1, 512, 50).tolist(), source="en")
+    recipe = parse_recipe({"type": "pretrain", "name": "k", "model": {"preset": "tiny-llama"},
+                           "data": {"sources": {"en": str(tmp_path / "en")}},
+                           "stages": [{"name": "main", "tokens": 2 * 2 * 32, "mix": {"en": 1}}],
+                           "context": [{"seq_len": 32, "global_batch_size": 2}], "batch": {"micro_batch_size": 2},
+                           "optimizer": {"lr": 1e-3}, "eval_every": 0, "checkpoint_every": 0, "peak_flops": 1e11},
+                          source="test")
+    res = train(recipe, run_dir=tmp_path / "run", progress=False)
+    m = res.model
+    assert res.step == 2 and m.loss is linear_cross_entropy
+    assert all(b.attn.rotate is K.rope_train and b.attn.attend is K.attend_train and b.mlp.act is K.swiglu_train
+               and b.ln_1.norm is K.rms_norm_train for b in m.h)
