@@ -16,6 +16,11 @@ counts are printed.
 
     .venv/bin/python benchmarks/bench_translate.py [--preset small-llama] [--docs 48] [--concurrency 32]
         [--max-tokens 128] [--repeats 1] [--direct] [--device cpu]
+
+``--dead-endpoint`` measures instead how long a run takes to stop against an endpoint that accepts
+connections and never answers, without --teacher-model (``--timeout 1 --max-retries 2``), at the
+configured concurrency against concurrency 1 (the baseline, same run): the model lookup is shared, so
+the ratio should be ~1 (requests used to repeat it in turn: 4.0 s vs 33.6 s at concurrency 16).
 """
 from __future__ import annotations
 
@@ -58,6 +63,33 @@ def free_port() -> int:
     return port
 
 
+def dead_endpoint(n_docs: int, concurrency: int) -> int:
+    """Seconds until `translate_corpus` stops against a socket that accepts and never answers."""
+    from dhad.synth.backends import BackendUnavailable, OpenAIBackend
+    from dhad.synth.translate import TranslateConfig, translate_corpus
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(1024)
+    url = f"http://127.0.0.1:{sink.getsockname()[1]}/v1"
+    tmp = Path(tempfile.mkdtemp(prefix="bench_translate_dead_"))
+    src = tmp / "docs.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": f"The river number {i} runs past the old city."}) + "\n"
+                           for i in range(n_docs)), encoding="utf-8")
+    took = {}
+    for conc in (1, concurrency):
+        t = time.perf_counter()
+        try:
+            translate_corpus(TranslateConfig(inputs=[str(src)], out=str(tmp / f"o{conc}.jsonl"), quality=(),
+                                             progress=False),
+                             OpenAIBackend(url, timeout=1.0, max_retries=2, concurrency=conc))
+        except BackendUnavailable as e:
+            took[conc] = time.perf_counter() - t
+            print(f"  concurrency {conc:>3}: stopped after {took[conc]:.2f}s: {e}")
+    sink.close()
+    print(f"  ratio concurrency {concurrency} / concurrency 1: {took[concurrency] / took[1]:.2f}x  (goal ~1x)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="small-llama")
@@ -69,12 +101,16 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--direct", action="store_true", help="also measure the in-process engine backend")
+    ap.add_argument("--dead-endpoint", action="store_true",
+                    help="measure the time to stop against an endpoint that never answers (no model needed)")
     args = ap.parse_args()
+    if args.dead_endpoint:
+        return dead_endpoint(args.docs, args.concurrency)
 
     import uvicorn
     from dhad.config import Config
-    from dhad.data.backends import EngineBackend, GenParams, OpenAIBackend
-    from dhad.data.translate import QualityConfig, TranslateConfig, translate_corpus
+    from dhad.synth.backends import EngineBackend, GenParams, OpenAIBackend
+    from dhad.synth.translate import QualityConfig, TranslateConfig, translate_corpus
     from dhad.engine import Engine
     from dhad.model import Transformer
     from dhad.serve.app import create_app

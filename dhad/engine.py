@@ -254,7 +254,7 @@ class EngineFrontend:
         if isinstance(prompt_ids, str):
             if self.tokenizer is None:
                 raise RequestError("a text prompt needs an engine with a tokenizer; pass token ids")
-            prompt_ids = self.tokenizer.encode(prompt_ids)
+            prompt_ids = self.tokenizer.encode(prompt_ids, add_special_tokens=True)  # raw text: BOS as the tokenizer says
         if torch.is_tensor(prompt_ids):
             prompt_ids = prompt_ids.flatten().tolist()
         prompt_ids = [int(i) for i in prompt_ids]

@@ -549,9 +549,10 @@ def generate_text(model, tokenizer, prompt_or_messages, fmt=None, params: Sampli
     from dhad import prompts
 
     params = SamplingParams.from_kwargs(params, **kwargs) if kwargs else (params or SamplingParams())
-    if isinstance(prompt_or_messages, str):
-        text = prompt_or_messages
-    else:
+    if isinstance(prompt_or_messages, str):  # a raw prompt: BOS where the tokenizer adds one
+        text, add_special = prompt_or_messages, True
+    else:  # a rendered chat carries its special tokens as text (apply_chat_template adds none)
+        add_special = False
         if fmt is None:
             fmt = default_format(model, tokenizer)
         fmt = prompts.get_format(fmt) if not isinstance(fmt, prompts.ChatFormat) else fmt
@@ -559,7 +560,7 @@ def generate_text(model, tokenizer, prompt_or_messages, fmt=None, params: Sampli
         extra = tuple(s for s in fmt.stop_strings if s not in params.stop_strings)
         if extra:
             params = dataclasses.replace(params, stop_strings=params.stop_strings + extra)
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text, add_special_tokens=add_special)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     new = generate_ids(model, [ids], params, tokenizer=tokenizer, compile=compile)[0]

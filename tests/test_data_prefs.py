@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -124,6 +125,28 @@ def test_prepare_prefs_counts_every_drop(tok_dir, tmp_path):
     assert dhad_main(["data", "prefs", "--data", str(tmp_path / "p.jsonl"), "--tokenizer", str(tmp_path / "nope"),
                       "--out", str(out)]) == 2
     assert len(PrefsSet.open(out, "train")) == len(tr)
+
+
+def test_printed_report_counts_every_line_once(tok_dir, tmp_path, capsys):
+    """Read-level and pair-level counts used to be merged into one dict before printing, so invalid_utf8
+    (bad bytes on one line, a lone surrogate in another row) showed one count; --max-rows N read N + 1."""
+    good = [json.dumps({"prompt": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}"}).encode()
+            for i in range(3)]
+    lines = [good[0], b'{"prompt": "q", "chosen": "\xff", "rejected": "y"}', good[1],
+             b'{"prompt": "q\\udc00", "chosen": "a", "rejected": "b"}', b'{"prompt": "q", "chosen": "x", "rejected": "x"}',
+             good[2]]
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    args = ["data", "prefs", "--data", str(f), "--tokenizer", tok_dir, "--format", "jais", "--max-len", "0"]
+    assert dhad_main(args + ["--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    counts = {(m[1], m[2]): int(m[3]) for m in re.finditer(r"^  (skipped|dropped) (\S+)\s+(\d+)", printed, re.M)}
+    assert counts == {("skipped", "invalid_utf8"): 2, ("dropped", "identical"): 1}
+    assert "pairs: 3 written, 1 dropped" in printed
+    assert json.loads((tmp_path / "out" / "prefs_report.json").read_text())["rows"] == {"read": 4, "used": 3,
+                                                                                       "dropped": 1}
+    assert dhad_main(args + ["--out", str(tmp_path / "out2"), "--max-rows", "2"]) == 0
+    assert "read: 1 files, 2 rows" in capsys.readouterr().out
 
 
 @pytest.mark.data

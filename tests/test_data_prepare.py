@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -178,3 +179,44 @@ def test_prepare_real_corpus_sample(shared_data, tmp_path):
     assert report["splits"]["train"] > 10_000 and report["splits"]["validation"] > 0
     ss = ShardSet.open(tmp_path / "out", "train")
     assert ss.meta["tokenizer_hash"] == report["tokenizer"]["hash"]
+
+
+def test_bad_rows_never_stop_prepare(corpus, tmp_path, capsys):
+    """One row with a lone surrogate used to stop `dhad data prepare` (exit 2 from dedup.exact_key, no
+    file:line, nothing written); an unterminated CSV quote swallowed the rows after it; `{"text": 12345}`
+    counted as "empty"; --max-rows N read N + 1 records. Each is now one counted row, named where it is."""
+    from dhad.cli import main as dhad_main
+    d = tmp_path / "in"
+    d.mkdir()
+    good = corpus["en"][:6]
+    lines = [json.dumps({"text": t}) for t in good[:3]]
+    lines.insert(1, '{"text": "' + good[3][:40] + ' \\ud800 ' + good[3][40:] + '"}')
+    lines.insert(3, '{"text": 12345}')
+    (d / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (d / "b.csv").write_text(f'id,text\n1,"{good[4]}\n2,{good[5]}\n3,"{good[0]} again"\n', encoding="utf-8")
+    out = tmp_path / "out"
+    assert dhad_main(["data", "prepare", "--data", str(d), "--tokenizer", corpus["tok"], "--out", str(out),
+                      "--workers", "1", "--no-progress", "--min-words", "5", "--no-near-dedup"]) == 0
+    printed = capsys.readouterr().out
+    rep = prep.load_report(out)
+    assert rep["inputs"]["records"] == 5 and rep["inputs"]["skipped"] == {"invalid_utf8": 1, "not_text": 1,
+                                                                          "malformed_row": 1}
+    ex = rep["inputs"]["skipped_examples"]
+    assert ex["invalid_utf8"] == [f"{d / 'a.jsonl'}:2 (lone surrogate in text)"]
+    assert ex["malformed_row"][0].startswith(f"{d / 'b.csv'}:2 (")
+    assert re.search(r"skipped invalid_utf8\s+1\s+e\.g\. .*a\.jsonl:2", printed)
+    assert rep["rules"]["kept"]["docs"] == 5                 # good[0..2], good[5], good[0] again
+    assert dhad_main(["data", "prepare", "--data", str(d / "a.jsonl"), "--tokenizer", corpus["tok"], "--out",
+                      str(tmp_path / "out2"), "--workers", "1", "--no-progress", "--max-rows", "2"]) == 0
+    assert prep.load_report(tmp_path / "out2")["inputs"]["records"] == 2
+
+
+def test_failed_prepare_leaves_no_output_folder(corpus, tmp_path):
+    out = tmp_path / "new" / "out"
+    with pytest.raises(NoInput):
+        prep.prepare(prep.PrepareConfig(inputs=[str(tmp_path / "nothing.jsonl")], tokenizer=corpus["tok"],
+                                        out=str(out), workers=1, progress=False))
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="names no source"):   # a failure after the shards were staged
+        run(corpus, out, mix={"klingon": 1})
+    assert not (tmp_path / "new").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def test_sentencepiece_llama2_masks(tmp_path):
     enc = Encoder(tmp_path)
     ex = encode_conversation(enc, MULTI, get_format("llama2"))
     runs = mask_runs(ex.ids, ex.mask)
-    decoded = [enc.tok.decode(r) for r in runs]
+    decoded = [enc.tok.decode(r, skip_special_tokens=True) for r in runs]
     want = [m["content"].strip() for m in MULTI if m["role"] == "assistant"]
     assert [d.strip() for d in decoded] == want                       # the answers, and only them
     assert [r[-1] for r in runs] == [enc.eos_token_id] * 3              # each ends with the </s> id
@@ -189,20 +190,46 @@ def test_answer_as_served_cli(bpe_dir, sft_data, tmp_path):
     assert render(first[:-1], "jais", add_generation_prompt=True) in prompts
 
 
+def printed_counts(text: str) -> dict:
+    """{(verb, reason): count} from the printed report's "  skipped|dropped REASON  N  e.g. ..." lines."""
+    return {(m[1], m[2]): int(m[3]) for m in re.finditer(r"^  (skipped|dropped) (\S+)\s+(\d+)", text, re.M)}
+
+
+def test_printed_report_counts_every_line_once(bpe_dir, tmp_path, capsys):
+    """The printed report merged read-level and row-level counts into one dict, so a reason both have
+    (invalid_utf8: a line of bad bytes, a row with a lone surrogate) was printed once, with one count;
+    --max-rows N read N + 1 rows."""
+    from dhad.cli import main as dhad_main
+    good = [json.dumps({"instruction": f"question {i}", "output": f"answer {i}"}).encode() for i in range(4)]
+    lines = [good[0], b'{"instruction": "x\xff", "output": "y"}', good[1], b'{"instruction": "a\\ud800", "output": "b"}',
+             b'{"instruction": "q", "output": "  "}', b"", good[2], b'{"messages": [', good[3]]
+    f = tmp_path / "rows.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    args = ["data", "sft", "--data", str(f), "--tokenizer", bpe_dir, "--format", "chatml", "--seq-len", "128"]
+    assert dhad_main(args + ["--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    counts = printed_counts(printed)
+    assert counts == {("skipped", "invalid_utf8"): 2, ("skipped", "empty"): 1, ("skipped", "malformed_json"): 1,
+                      ("dropped", "empty_response"): 1}
+    assert sum(counts.values()) == len(lines) - len(good) and "rows: 4 used, 1 dropped" in printed
+    r = json.loads((tmp_path / "out" / "sft_report.json").read_text())
+    assert r["rows"] == {"read": 5, "used": 4, "dropped": 1}
+    assert dhad_main(args + ["--out", str(tmp_path / "out3"), "--max-rows", "3"]) == 0
+    assert "read: 1 files, 3 rows" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out3" / "sft_report.json").read_text())["rows"]["read"] == 3
+
+
 def test_packed_and_unpacked_give_same_per_example_losses(bpe_dir, sft_data, tmp_path):
-    torch = pytest.importorskip("torch")
-    try:
-        from dhad.config import Config
-        from dhad.model import Transformer
-    except ImportError as e:  # the model lands separately; this test needs it
-        pytest.skip(f"dhad.model not available: {e}")
+    import torch
+    from dhad.config import Config
+    from dhad.model import Transformer
     for packed in (True, False):
         prepare_sft(SFTConfig(inputs=[str(sft_data)], tokenizer=bpe_dir, out=str(tmp_path / str(packed)),
                               chat_format="chatml", seq_len=128, packed=packed, val_fraction=0.0))
     for name in ("tiny-llama", "tiny-jais"):  # RoPE and ALiBi
         torch.manual_seed(0)
         model = Transformer(Config.from_name(name)).eval()
-        model.init_weights() if hasattr(model, "init_weights") else None
+        model.init_weights()
         losses = {}
         for packed in (True, False):
             ss = ShardSet.open(tmp_path / str(packed), "train")

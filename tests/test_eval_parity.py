@@ -220,3 +220,56 @@ def test_adapter_rolling_and_generation_match_hf(tiny_model):
     gen = [Instance("generate_until", {}, (t, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}), i)
            for i, t in enumerate(texts)]
     assert ours.generate_until(gen) == hf.generate_until(gen, disable_tqdm=True)
+
+
+# BOS through the tokenizer.json post-processor alone (Llama-3's layout: no add_bos_token key), 0 and 5 shots,
+# three tasks, one Arabic: `dhad eval`'s scorer and the lm-eval adapter against the hf backend.
+BOS_CASES = [c for c in CASES if (c.task, c.subtask) in {("exams_ar", "Biology"), ("arc_easy", None),
+                                                          ("mmlu", "anatomy")}]
+BOS_RUNS = [(c, k) for c in BOS_CASES for k in (0, 5)]
+
+
+@pytest.fixture(scope="module")
+def pp_bos_model(tmp_path_factory, shared_data):
+    import json
+
+    d = build_tiny_llama(tmp_path_factory.mktemp("tiny_llama_pp_bos"), shared_data, add_bos_key=False, seed=3)
+    assert "add_bos_token" not in json.loads((d / "tokenizer_config.json").read_text())
+    return d
+
+
+def test_bos_from_post_processor_parity_with_lm_eval(pp_bos_model, shared_data):
+    import lm_eval
+    import lm_eval.models.huggingface  # noqa: F401  (registers "hf")
+    from lm_eval.tasks import TaskManager
+
+    import dhad
+    import dhad.evaluate.lm_eval_adapter  # noqa: F401  (registers "dhad")
+    from dhad.evaluate import tasks as T
+    from dhad.evaluate.scoring import Scorer
+
+    assert len({c.task for c in BOS_CASES}) == 3 and any(T.get_task(c.task).lang == "ar" for c in BOS_CASES)
+    tok = dhad.load_tokenizer(pp_bos_model)
+    assert tok.encode("Question:", add_special_tokens=True)[0] == tok.bos_token_id == 1
+
+    def harness(model, args):
+        tasks = [_harness_task(c, k, _dhad_splits(c, shared_data)) for c, k in BOS_RUNS]
+        out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=tasks, limit=LIMIT, log_samples=True,
+                                      task_manager=TaskManager(include_defaults=False), bootstrap_iters=0,
+                                      **({"batch_size": 16, "device": "cpu"} if model == "hf" else {}))
+        return {n: sorted(s, key=lambda x: int(x["doc_id"])) for n, s in out["samples"].items()}
+
+    ref = harness("hf", {"pretrained": str(pp_bos_model), "dtype": "float32"})
+    adapter = harness("dhad", {"pretrained": str(pp_bos_model)})
+    scorer = Scorer(dhad.load_model(pp_bos_model), tok, batch_tokens=8192, max_rows=32)
+    for c, k in BOS_RUNS:
+        name = _run_id(c, k)
+        ex, _ = T.build_examples(T.get_task(c.task), _dhad_splits(c, shared_data), shots=k, limit=LIMIT)
+        ours = [[r[0] for r in res] for res in scorer.loglikelihood([e.requests for e in ex])]
+        for e, lls, a, s in zip(ex, ours, adapter[name], ref[name], strict=True):
+            assert [tuple(x) for x in s["arguments"]] == e.requests
+            want = _harness_lls(s)
+            assert lls == pytest.approx(want, abs=2e-3, rel=1e-5), (name, e.doc_index)
+            assert _harness_lls(a) == pytest.approx(want, abs=2e-3, rel=1e-5), (name, e.doc_index)
+            assert float(a["acc"]) == float(s["acc"])
+            assert max(range(len(lls)), key=lambda i: (lls[i], -i)) == max(range(len(want)), key=lambda i: (want[i], -i))

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dhad.data.backends import BackendUnavailable, GenParams
+from dhad.synth.backends import BackendUnavailable, GenParams
 from dhad.data.sft import row_to_messages
-from dhad.data.synth import SynthConfig, SynthError, detect_lang, is_refusal, synth
-from dhad.data.translate import sidecar
+from dhad.synth.synth import SynthConfig, SynthError, detect_lang, is_refusal, synth
+from dhad.synth.translate import sidecar
 from test_translate import FakeOpenAI, client, read_jsonl  # noqa: E402  (tests/ is on sys.path under pytest)
 
 EN_WORDS = "river bridge salt wool copper merchant city morning market harbour ship lantern road".split()
@@ -198,16 +198,36 @@ def test_bad_input(tmp_path):
     finally:
         sink.close()
     assert read_jsonl(tmp_path / "o.jsonl") == []
+    rep = json.loads(sidecar(tmp_path / "o.jsonl", "report.json").read_text())   # a stopped run keeps its counts
+    assert rep["status"] == "stopped" and "never answered" in rep["error"] and rep["seeds"]["used"] == 12
+
+
+def test_rows_record_the_model_id_the_endpoint_resolved(tmp_path):
+    """`dhad data synth --endpoint URL` without --teacher-model: rows and report name the model GET /models
+    gave, not the URL."""
+    import argparse
+    from dhad.synth.cli import add_synth_arguments, run_synth
+    root = tmp_path / "data"
+    make_seeds(root)
+    out = tmp_path / "s.jsonl"
+    sp = argparse.ArgumentParser()
+    add_synth_arguments(sp)
+    with FakeOpenAI(answer=fake_teacher, faults=None) as srv:
+        assert run_synth(sp.parse_args(["--data", str(root / "seeds" / "en.jsonl"), "--out", str(out),
+                                        "--endpoint", srv.url, "--no-progress", "--limit", "3"])) == 0
+    rows = sum(all_rows(out), [])
+    assert len(rows) == 3 and {r["teacher"] for r in rows} == {"fake-teacher"}
+    assert json.loads(sidecar(out, "report.json").read_text())["teacher"] == "fake-teacher"
 
 
 def test_selfchat_through_the_engine(tmp_path):
     import torch
     from dhad.config import Config
-    from dhad.data.backends import EngineBackend
+    from dhad.synth.backends import EngineBackend
     from dhad.model import Transformer
     from dhad.tokenizer import train_bpe
     torch.manual_seed(0)
-    from dhad.data.synth import ANSWER_SYSTEM, USER_SIM_SYSTEM
+    from dhad.synth.synth import ANSWER_SYSTEM, USER_SIM_SYSTEM
     texts = [" ".join(EN_WORDS) * 5, " ".join(AR_WORDS) * 5, *ANSWER_SYSTEM.values(), *USER_SIM_SYSTEM.values()]
     tok = train_bpe(texts * 3, vocab_size=512, min_frequency=1)
     model = Transformer(Config.from_name("tiny-llama")).init_weights(seed=0).eval()

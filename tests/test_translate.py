@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -23,8 +24,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dhad.data.backends import BackendUnavailable, GenParams, OpenAIBackend
-from dhad.data.translate import (QualityConfig, TranslateConfig, TranslateError, chrf, recover_jsonl, repetition,
+from dhad.synth.backends import BackendUnavailable, GenParams, OpenAIBackend
+from dhad.synth.translate import (QualityConfig, TranslateConfig, TranslateError, chrf, recover_jsonl, repetition,
                                  script_ratio, sidecar, split_text, translate_corpus)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,11 +71,13 @@ class FakeOpenAI:
     """A threaded http.server speaking enough of the OpenAI API: POST /v1/chat/completions, GET /v1/models."""
 
     def __init__(self, answer=fake_translator, faults=fault_schedule, delay: float = 0.0, hang_s: float = 3.0,
-                 fail_status: dict | None = None):
+                 fail_status: dict | None = None, models_hang: float = 0.0):
         self.answer, self.faults, self.delay, self.hang_s = answer, faults, delay, hang_s
         self.fail_status = fail_status or {}          # content substring -> HTTP status always returned
+        self.models_hang = models_hang                # GET /models answers only after this long (0: at once)
         self.injected: Counter = Counter()
         self.attempts: Counter = Counter()
+        self.gets: Counter = Counter()                # GET requests received, by path
         self.lock = threading.Lock()
         outer = self
 
@@ -97,6 +100,10 @@ class FakeOpenAI:
                     pass
 
             def do_GET(self):
+                with outer.lock:
+                    outer.gets[self.path] += 1
+                if self.path == "/v1/models" and outer.models_hang:
+                    time.sleep(outer.models_hang)
                 if self.path == "/v1/models":
                     self._send(200, json.dumps({"object": "list", "data": [{"id": "fake-teacher"}]}).encode())
                 else:
@@ -348,8 +355,8 @@ def test_interrupted_and_resumed_in_process(tmp_path):
 
 KILL_SCRIPT = """
 import sys
-from dhad.data.backends import OpenAIBackend
-from dhad.data.translate import TranslateConfig, translate_corpus
+from dhad.synth.backends import OpenAIBackend
+from dhad.synth.translate import TranslateConfig, translate_corpus
 root, out, url = sys.argv[1:4]
 translate_corpus(TranslateConfig(inputs=["english"], out=out, data_root=root, source_quality={"english": "high"},
                                  max_chunk_chars=120, progress=False),
@@ -436,6 +443,51 @@ def test_endpoint_that_never_answers(tmp_path):
                          client(f"http://127.0.0.1:{port}/v1", max_retries=1, concurrency=2))
 
 
+def test_model_lookup_runs_once_for_all_requests(tmp_path):
+    """No model name, and an endpoint whose GET /models never answers: the one lookup is retried, and every
+    request waits for it — requests used to take turns behind a lock, each waiting out its own timeouts
+    (8 in flight x 2 attempts = 16 lookups; 33.6 s instead of 4 s at concurrency 16 with --timeout 1
+    --max-retries 2). The stopped run still writes its report."""
+    root = tmp_path / "data"
+    make_corpus(root)
+    out = tmp_path / "o.jsonl"
+    with FakeOpenAI(models_hang=2.0) as srv:
+        with pytest.raises(BackendUnavailable) as e:
+            translate_corpus(cfg_for(root, out), client(srv.url, timeout=0.3, max_retries=1, concurrency=8))
+        assert srv.gets["/v1/models"] == 2 and not srv.attempts   # no chat request was sent
+    assert re.search(r"never answered \(GET .*/v1/models\): 2 attempts, last timeout", str(e.value))
+    rep = json.loads(sidecar(out, "report.json").read_text())
+    assert rep["status"] == "stopped" and "never answered" in rep["error"]
+    assert rep["backend"]["errors"] == {"timeout": 2} and rep["backend"]["requests"] == 2
+    assert rep["docs"]["translated"] == 0 and rep["read"]["records"] > 0
+
+
+def test_rejected_requests_stop_the_run_naming_the_http_status(tmp_path):
+    """A server that rejects every request (e.g. max_tokens over its limit): after 8 in a row the run stops,
+    quoting the last failure's HTTP status and body, and the report keeps the counts of the stopped run."""
+    import argparse
+    from dhad.cli import CLIError
+    from dhad.synth.cli import add_translate_arguments, run_translate
+    root = tmp_path / "data"
+    make_corpus(root)
+    out = tmp_path / "o.jsonl"
+    with FakeOpenAI(faults=None, fail_status={"": 400}) as srv:
+        with pytest.raises(BackendUnavailable, match=r"8 requests in a row failed; stopping "
+                                                     r"\(last: http://.*/chat/completions: HTTP 400: .*status 400"):
+            translate_corpus(cfg_for(root, out), client(srv.url, model="m", concurrency=2))
+        rep = json.loads(sidecar(out, "report.json").read_text())
+        assert rep["status"] == "stopped" and "HTTP 400" in rep["error"]
+        assert rep["docs"]["failed"] >= 1 and rep["backend"]["errors"] == {"http_4xx": rep["backend"]["failed"]}
+        assert rep["backend"]["failed"] >= 8 and rep["teacher"] == "m"
+        tp = argparse.ArgumentParser()
+        add_translate_arguments(tp)
+        args = tp.parse_args(["--data", str(root), "--sources", "english", "--out", str(tmp_path / "c.jsonl"),
+                              "--endpoint", srv.url, "--no-progress", "--max-tokens", "5000"])
+        with pytest.raises(CLIError, match=r"HTTP 400: .*status 400.*the counts so far are in .*c\.report\.json"):
+            run_translate(args)
+    assert json.loads((tmp_path / "c.report.json").read_text())["teacher"] == "fake-teacher"
+
+
 def test_request_errors_are_counted_and_retried_next_run(tmp_path):
     root = tmp_path / "data"
     texts = make_corpus(root)
@@ -458,7 +510,7 @@ def test_request_errors_are_counted_and_retried_next_run(tmp_path):
 def test_backend_reports_malformed_and_gives_up(tmp_path):
     """A server whose every answer is malformed: counted per attempt, then the request fails."""
     import asyncio
-    from dhad.data.backends import RequestFailed
+    from dhad.synth.backends import RequestFailed
     with FakeOpenAI(faults=lambda key, attempt: "malformed_json" if attempt % 2 else "malformed_shape") as srv:
         be = client(srv.url, model="m", max_retries=2)
         with pytest.raises(RequestFailed, match="gave up after 3 attempts.*malformed"):
@@ -486,7 +538,7 @@ def tiny_model_and_tok():
 
 def test_engine_backend_equals_generate_and_resumes(tmp_path, tiny_model_and_tok):
     import asyncio
-    from dhad.data.backends import EngineBackend
+    from dhad.synth.backends import EngineBackend
     from dhad.generate import generate_text
     model, tok = tiny_model_and_tok
     be = EngineBackend(model, tok, max_batch_size=4)
@@ -523,7 +575,7 @@ def test_through_dhad_serve_equals_the_engine_backend(tmp_path, tiny_model_and_t
     gives the same translations as the in-process engine backend: the request body fits the server's
     strict schema and greedy decoding is the same path."""
     import httpx
-    from dhad.data.backends import EngineBackend
+    from dhad.synth.backends import EngineBackend
     from dhad.engine import Engine
     from dhad.serve.app import create_app
     model, tok = tiny_model_and_tok
@@ -583,8 +635,7 @@ def test_real_parallel_pairs(tmp_path, shared_data):
 def test_cli_functions(tmp_path, capsys):
     import argparse
     from dhad.cli import CLIError
-    from dhad.data.synth import add_synth_arguments, run_synth
-    from dhad.data.translate import add_translate_arguments, run_translate
+    from dhad.synth.cli import add_synth_arguments, add_translate_arguments, run_synth, run_translate
     root = tmp_path / "data"
     make_corpus(root)
     tp, sp = argparse.ArgumentParser(), argparse.ArgumentParser()

@@ -6,10 +6,13 @@
     filters.py  Gopher/Jais-style quality rules (length, script, symbols, repetition, stop words)
     dedup.py    exact + MinHash-LSH near-duplicate removal
     encoder.py  the tokenizer as the pipeline uses it (piecewise encoding for exact chat loss masks)
+    sample.py   sampling a corpus folder by characters (equal shares per file, held-out documents)
     prepare.py  `dhad data prepare`: the pretraining pipeline, mixture weights, report
     sft.py      `dhad data sft`: chat/Alpaca rows -> packed or unpacked SFT rows with loss masks
     prefs.py    `dhad data prefs`: preference pairs -> (prompt, chosen, rejected) ids
     cli.py      `dhad data ...` argument parsing
 
-This package never imports dhad.model (DESIGN.md: data flows one way). See docs/data.md.
+This package never imports dhad.model, the engine or anything that drives a model (DESIGN.md: data flows
+one way); translation and synthesis with a teacher model live above the engine, in dhad.synth. See
+docs/data.md.
 """

@@ -1,4 +1,5 @@
-"""`dhad data {prepare,sft,prefs}` — thin argument parsing over dhad.data.prepare / sft / prefs."""
+"""`dhad data {prepare,sft,prefs,translate,synth}` — thin argument parsing over dhad.data.prepare / sft /
+prefs (translate and synth: dhad.synth.cli)."""
 from __future__ import annotations
 
 import argparse
@@ -10,22 +11,24 @@ SUBCOMMANDS = {
     "sft": "render instruction/chat data with the chat format into SFT shards (assistant-only loss mask)",
     "prefs": "preference pairs (prompt, chosen, rejected) into DPO shards, with a drop report",
 }
-# Sub-commands implemented in other modules of this package: name -> (module, add_arguments, run, help).
+# Sub-commands that drive a teacher model live above the engine, in dhad.synth (dhad.data never imports
+# it; it is named here by module only): name -> (module, add_arguments, run, help).
 EXTERNAL = {
-    "translate": ("dhad.data.translate", "add_translate_arguments", "run_translate",
+    "translate": ("dhad.synth.cli", "add_translate_arguments", "run_translate",
                   "machine-translate a corpus (en->ar) with a teacher model, resumable, quality-checked"),
-    "synth": ("dhad.data.synth", "add_synth_arguments", "run_synth",
+    "synth": ("dhad.synth.cli", "add_synth_arguments", "run_synth",
               "instruction data by distillation / self-chat with a teacher model"),
 }
 
 
-def _data_default():
+def data_default() -> list[str] | None:
+    """``--data``'s default: ``$DHAD_DATA_DIR`` (for every `dhad data` command)."""
     d = os.environ.get("DHAD_DATA_DIR")
     return [d] if d else None
 
 
 def _common(p: argparse.ArgumentParser, what: str):
-    p.add_argument("--data", nargs="+", default=_data_default(), metavar="PATH",
+    p.add_argument("--data", nargs="+", default=data_default(), metavar="PATH",
                    help=f"{what}: directories, files (jsonl/json/txt/csv/tsv/parquet), globs, SOURCE=PATH to name "
                         "a mixture source, or hf:NAME[:CONFIG][:SPLIT] (needs --hf). Default: $DHAD_DATA_DIR")
     p.add_argument("--tokenizer", required=True, help="tokenizer or model directory (tokenizer.json / tokenizer.model)")

@@ -45,6 +45,7 @@ Every pair not written is counted with its reason: read problems (``invalid_utf8
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -53,9 +54,9 @@ from pathlib import Path
 import numpy as np
 
 from dhad.data.prepare import _is_val, _jsonable
-from dhad.data.readers import NoInput, ReadStats, expand_inputs, read_documents
+from dhad.data.readers import NoInput, ReadStats, expand_inputs, format_skips, read_documents
 from dhad.data.sft import RowError, check_utf8, resolve_format
-from dhad.data.shards import PrefsSet, ShardWriter, _write_json_atomic  # noqa: F401  (PrefsSet re-exported)
+from dhad.data.shards import PrefsSet, ShardWriter, _write_json_atomic, output_dir  # noqa: F401  (PrefsSet re-exported)
 
 _HH_SPLIT = re.compile(r"\n\n(Human|Assistant): ")
 
@@ -247,7 +248,13 @@ def fit_length(p: list[int], c: list[int], r: list[int], max_len: int | None, tr
 
 
 def prepare_prefs(cfg: PrefsConfig) -> dict:
-    """Write <out>/train and <out>/validation prefs shards; returns the report (<out>/prefs_report.json)."""
+    """Write <out>/train and <out>/validation prefs shards; returns the report (<out>/prefs_report.json).
+    A run that fails leaves the previous output as it was, and no output folder when there was none."""
+    with output_dir(cfg.out):
+        return _prepare_prefs(cfg)
+
+
+def _prepare_prefs(cfg: PrefsConfig) -> dict:
     from dhad.data.encoder import Encoder
     if cfg.truncation not in ("left", "drop"):
         raise ValueError(f"truncation must be left|drop, got {cfg.truncation!r}")
@@ -263,12 +270,9 @@ def prepare_prefs(cfg: PrefsConfig) -> dict:
     writers = {s: ShardWriter(out, s, "prefs", **common) for s in ("train", "validation")}
     counts = Counter()
     try:
-        n = 0
-        for doc in read_documents(expand_inputs(cfg.inputs, cfg.data_root), stats, text_fields=None,
-                                  allow_hub=cfg.allow_hub):
-            if cfg.max_rows is not None and n >= cfg.max_rows:
-                break
-            n += 1
+        docs = read_documents(expand_inputs(cfg.inputs, cfg.data_root), stats, text_fields=None,
+                              allow_hub=cfg.allow_hub)
+        for doc in itertools.islice(docs, cfg.max_rows):   # islice reads no row past the last one used
             try:
                 prompt, c, r = split_pair(doc.row)
                 p_ids, c_ids, r_ids = encode_pair(enc, fmt, prompt, c, r, cfg.answer_as_served)
@@ -299,7 +303,11 @@ def prepare_prefs(cfg: PrefsConfig) -> dict:
         summary[s] = {"pairs": w.meta["n_docs"], "tokens": w.meta["n_tokens"], "groups": len(groups[s]),
                       "sources": dict(w.meta["sources"])}
         w.close()
-    report = {"inputs": stats.to_dict(), "dropped": {k: v for k, v in reasons.items() if k != "truncated"},
+    dropped = {k: v for k, v in reasons.items() if k != "truncated"}
+    examples_of.pop("truncated", None)
+    report = {"inputs": stats.to_dict(),
+              "rows": {"read": stats.records, "used": sum(counts.values()), "dropped": sum(dropped.values())},
+              "dropped": dropped,
               "truncated": reasons.get("truncated", 0), "dropped_examples": examples_of, "splits": summary,
               "group_by": cfg.group_by, "group_field_missing": no_field,
               "chat_format": fmt.name, "tokenizer": {"path": str(cfg.tokenizer), "hash": enc.hash},
@@ -309,11 +317,13 @@ def prepare_prefs(cfg: PrefsConfig) -> dict:
 
 
 def format_prefs_report(r: dict) -> str:
+    """The report as text: read problems (lines, files) and pair drops are counted separately."""
     inp = r["inputs"]
     lines = [f"chat format: {r['chat_format']}", f"read: {inp['files']} files, {inp['records']} rows"]
-    for k, v in {**inp["skipped"], **r["dropped"]}.items():
-        ex = (inp["skipped_examples"].get(k) or r["dropped_examples"].get(k) or [""])[0]
-        lines.append(f"  dropped {k:<28}{v:>7}   e.g. {ex[:110]}")
+    lines += format_skips("skipped", inp["skipped"], inp["skipped_examples"], width=28)
+    rows = r.get("rows") or {"used": inp["records"] - sum(r["dropped"].values()), "dropped": sum(r["dropped"].values())}
+    lines.append(f"pairs: {rows['used']} written, {rows['dropped']} dropped")
+    lines += format_skips("dropped", r["dropped"], r["dropped_examples"], width=28)
     if r["truncated"]:
         lines.append(f"  kept, prompt left-truncated   {r['truncated']:>7}")
     for s, m in r["splits"].items():

@@ -26,6 +26,7 @@ Pipeline (one pass over the input, streaming):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ from dhad.data.clean import CleanConfig, clean_text
 from dhad.data.dedup import DedupConfig, Deduplicator, exact_key, signature
 from dhad.data.filters import FilterConfig, check
 from dhad.data.readers import NoInput, ReadStats, expand_inputs, read_documents, split_long
-from dhad.data.shards import ShardSet, ShardWriter, _write_json_atomic
+from dhad.data.shards import ShardSet, ShardWriter, _write_json_atomic, output_dir
 from dhad.utils import jsonable as _jsonable
 
 # Card mixtures (relative token counts: English, Arabic, code) — jais-family model card's table.
@@ -117,11 +118,9 @@ def _process_chunk(chunk: list[tuple[str, str]]) -> list[dict]:
 
 def _chunks(docs, n: int, max_docs: int | None, max_chars: int):
     buf = []
-    seen = 0
+    if max_docs is not None:  # islice asks the reader for no record past the last one used
+        docs = itertools.islice(docs, max_docs)
     for d in docs:
-        if max_docs is not None and seen >= max_docs:
-            break
-        seen += 1
         for piece in split_long(d.text, max_chars):
             buf.append((piece, d.source))
         if len(buf) >= n:
@@ -185,7 +184,13 @@ def _select_docs(lengths: np.ndarray, quota: int, rng: np.random.Generator) -> l
 # Driver
 
 def prepare(cfg: PrepareConfig) -> dict:
-    """Run the whole pipeline; returns the report (also written to <out>/report.json)."""
+    """Run the whole pipeline; returns the report (also written to <out>/report.json). A run that fails
+    leaves the previous output as it was, and no output folder when there was none."""
+    with output_dir(cfg.out):
+        return _prepare(cfg)
+
+
+def _prepare(cfg: PrepareConfig) -> dict:
     from dhad.data.encoder import Encoder
 
     try:
@@ -193,7 +198,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     except ImportError:  # pragma: no cover
         tqdm = None
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     enc = Encoder(cfg.tokenizer)
     stats = ReadStats()
     inputs = expand_inputs(cfg.inputs, cfg.data_root)
@@ -230,10 +234,12 @@ def prepare(cfg: PrepareConfig) -> dict:
         _worker_init(*initargs)
         results = map(_process_chunk, chunks)
     bar = tqdm(desc="prepare", unit="doc", disable=not cfg.progress, file=sys.stderr) if tqdm else None
+    n_pieces = 0   # documents after cutting long ones (split_long): each gets exactly one entry in `rules`
     try:
         for res in results:
             for r in res:
                 src = r["source"]
+                n_pieces += 1
                 by_source[src]["docs_read"] += 1
                 by_source[src]["chars_read"] += r["chars"]
                 for k, v in r["info"].items():
@@ -324,6 +330,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     missing = sorted(set(mix_in or {}) - set(plan))
     report = {
         "inputs": stats.to_dict(),
+        "documents": n_pieces,
         "rules": {k: dict(v) for k, v in sorted(rules.items(), key=lambda kv: -kv[1]["docs"])},
         "by_source": {s: dict(c) for s, c in sorted(by_source.items())},
         "cleaning": dict(cleaning),
@@ -346,7 +353,9 @@ def format_report(report: dict) -> str:
     for k, v in rules.items():
         lines.append(f"{k:<24}{v.get('docs', 0):>10}{100 * v.get('docs', 0) / total_docs:>7.1f}%{v.get('chars', 0):>14}")
     inp = report["inputs"]
-    lines.append(f"\nread: {inp['files']} files, {inp['records']} records")
+    cut = report.get("documents", inp["records"]) - inp["records"]
+    lines.append(f"\nread: {inp['files']} files, {inp['records']} records"
+                 + (f" ({report['documents']} documents after cutting long ones)" if cut else ""))
     for k, v in inp["skipped"].items():
         ex = ", ".join(inp["skipped_examples"].get(k, [])[:2])
         lines.append(f"  skipped {k:<18}{v:>8}   e.g. {ex}")

@@ -1,19 +1,37 @@
-"""Readers: jsonl / json / txt / csv / tsv / parquet files and (opt-in) Hugging Face datasets, as a stream of
-``Doc`` records, counting every bad input instead of crashing on it.
+"""Readers: jsonl / json / txt / csv / tsv / parquet files (jsonl/json/txt/csv/tsv also compressed: .gz, .bz2,
+.xz) and (opt-in) Hugging Face datasets, as a stream of ``Doc`` records, counting every bad input instead of
+crashing on it.
 
 Why per-line decoding: a single invalid UTF-8 byte or a malformed JSON row must cost one record, not the
-file (real crawls have both). Every skip is counted in a ``ReadStats`` under a reason
-(``missing_file``, ``unreadable_file``, ``invalid_utf8``, ``malformed_json``, ``not_an_object``,
-``missing_field``, ``empty``, ``unsupported_format``) with the first few locations (``file:line``) so the
-report can say where to look.
+file (real crawls have both). Every input unit (a line of JSON lines, a CSV record, a row of a JSON
+array or parquet file) is either yielded or counted in a ``ReadStats`` under one reason, with the first
+few locations (``file:line``) so the report can say where to look:
+
+    missing_file       an input path that does not exist
+    unreadable_file    no permission, a corrupt/truncated archive or parquet file (counted where it stopped)
+    unsupported_format a file whose kind no reader handles (e.g. ``x.zip``; also found in a directory)
+    invalid_utf8       a line that is not UTF-8, or a row with a lone surrogate (``"\\ud800"``) in any string
+    malformed_json     a line (or ``.json`` file) that does not parse
+    malformed_row      a CSV record that is not well-formed (unterminated quote, ...) or has too many cells
+    not_an_object      a JSON value that is not an object (``[1, 2]``, ``5``)
+    missing_field      a row without any of the text fields
+    not_text           a text field that is not a string (``{"text": 12345}``)
+    empty              a blank line / record, or text fields that are empty or blank
+
+``ReadStats.records + sum(ReadStats.skipped.values())`` is therefore the number of units read, plus one
+per file-level problem. The structured readers (``text_fields=None``: sft, prefs) get whole rows.
 """
 from __future__ import annotations
 
+import bz2
 import csv
-import io
+import gzip
 import json
+import lzma
 import os
-from collections import Counter
+import re
+import zlib
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,6 +39,24 @@ from typing import Iterable, Iterator
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | {".json", ".csv", ".tsv", ".parquet"}
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+# what reading a (compressed) file can raise besides decoding errors: I/O, bad or truncated archives
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _kind(path: Path) -> str | None:
+    """jsonl | json | csv | tsv | parquet | txt, from the name (``x.jsonl.gz`` is jsonl), else None."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+        if suffixes and suffixes[-1] == ".parquet":
+            return None  # parquet compresses inside; an outer .gz is not readable as parquet
+    s = suffixes[-1] if suffixes else ""
+    if s in JSONL_SUFFIXES:
+        return "jsonl"
+    if s in TEXT_SUFFIXES:
+        return "txt"
+    return s[1:] if s in SUFFIXES else None
 
 
 @dataclass
@@ -42,8 +78,8 @@ class ReadStats:
     def skip(self, reason: str, where: str, max_examples: int = 5) -> None:
         self.skipped[reason] += 1
         ex = self.examples.setdefault(reason, [])
-        if len(ex) < max_examples:
-            ex.append(where)
+        if len(ex) < max_examples:  # printable and JSON-writable even when it quotes a lone surrogate
+            ex.append(where.encode("utf-8", "backslashreplace").decode("utf-8"))
 
     def merge(self, other: "ReadStats") -> None:
         self.files += other.files
@@ -73,7 +109,7 @@ class HubDisabled(RuntimeError):
 def expand_inputs(inputs: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> list[tuple[str, str]]:
     """Resolve inputs into ``(path_or_hf_spec, source)``.
 
-    An input may be a file, a directory (all readable files below it, sorted), a glob, or ``hf:NAME``.
+    An input may be a file, a directory (the files below it, sorted), a glob, or ``hf:NAME``.
     ``SOURCE=PATH`` assigns the source (mixture group) explicitly; otherwise the source is the name of the
     top-level directory under ``root`` (``--data``) the file lives in, else the file's stem.
     Inputs that do not exist are kept so the reader counts them as ``missing_file``.
@@ -92,7 +128,9 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], root: str | os.PathLike |
         if root is not None and not p.is_absolute() and not p.exists() and (root / p).exists():
             p = root / p
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
+            # every file below it except hidden ones, MANIFEST.md and licenses/ folders; files no reader
+            # handles are listed too, so that they are counted (unsupported_format), never silently left out
+            files = sorted(f for f in p.rglob("*") if f.is_file()
                            and not any(part.startswith(".") for part in f.relative_to(p).parts)
                            and f.name.upper() != "MANIFEST.MD" and "licenses" not in f.relative_to(p).parts)
             for f in files:  # source: the top-level folder under p, or p's own name for files directly in it
@@ -146,27 +184,103 @@ def split_long(text: str, max_chars: int, _seps: tuple[str, ...] = ("\n\n", "\n"
     return out
 
 
+def _open(path: Path):
+    """The file's bytes, decompressed when its name ends in .gz / .bz2 / .xz."""
+    opener = COMPRESSIONS.get(path.suffix.lower())
+    return opener(path, "rb") if opener else open(path, "rb")
+
+
 def _iter_lines(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, decoded line) — an invalid UTF-8 line is counted and skipped."""
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                stats.skip("invalid_utf8", f"{path}:{i}")
-                continue
-            if i == 1 and line.startswith("\ufeff"):  # UTF-8 BOM
-                line = line[1:]
-            yield i, line
+    """Yield (1-based line number, decoded line) — an invalid UTF-8 line is counted and skipped; a file
+    that cannot be read to its end (a truncated or corrupt archive, an I/O error) is counted at the line
+    where reading stopped, keeping the lines before it."""
+    i = 0
+    try:
+        with _open(path) as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    stats.skip("invalid_utf8", f"{path}:{i}")
+                    continue
+                if i == 1 and line.startswith("\ufeff"):  # UTF-8 BOM
+                    line = line[1:]
+                yield i, line
+    except _READ_ERRORS as e:
+        stats.skip("unreadable_file", f"{path}:{i + 1} ({type(e).__name__}: {e})")
 
 
-def _text_of(row: dict, text_fields: list[str]) -> str | None:
-    parts = []
+def lone_surrogate(obj, where: str = "") -> str | None:
+    """Where (a field path, "" for the value itself) ``obj`` holds a string that is not valid Unicode — a
+    lone surrogate such as ``"\\ud800"``, which JSON escapes can produce but no UTF-8 file can hold
+    (it cannot be encoded, normalized or tokenized) — else None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "value"
+        return None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            name = f"{where}.{k}" if where else str(k)
+            if (bad := lone_surrogate(k, name + " (key)")) or (bad := lone_surrogate(v, name)):
+                return bad
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            if bad := lone_surrogate(v, f"{where}[{i}]"):
+                return bad
+    return None
+
+
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # a cheap test before walking a parsed row
+
+
+def _loads(text: str):
+    """json.loads, with every way it can fail (bad syntax, too deep, too many digits) as ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _text_of(row: dict, text_fields: list[str]) -> tuple[str | None, str]:
+    """(the text of the row's text fields joined by blank lines, else None; the reason when None)."""
+    parts, present, wrong = [], False, None
     for k in text_fields:
-        v = row.get(k)
-        if isinstance(v, str) and v.strip():
-            parts.append(v)
-    return "\n\n".join(parts) if parts else None
+        if k not in row:
+            continue
+        present = True
+        v = row[k]
+        if isinstance(v, str):
+            if v.strip():
+                parts.append(v)
+        elif v is not None and wrong is None:
+            wrong = f"{k} is {type(v).__name__}, not text"
+    if parts:
+        return "\n\n".join(parts), ""
+    if wrong:
+        return None, "not_text"
+    return None, "empty" if present else "missing_field"
+
+
+def _row_doc(row, where: str, source, stats, text_fields, checked: bool = False):
+    """One parsed row -> a Doc (or a counted skip). ``checked``: the caller knows it holds valid Unicode."""
+    if not isinstance(row, dict):
+        stats.skip("not_an_object", f"{where} ({type(row).__name__})")
+        return
+    if not checked and (bad := lone_surrogate(row)):
+        stats.skip("invalid_utf8", f"{where} (lone surrogate in {bad})")
+        return
+    if text_fields is None:  # structured readers (sft / prefs) take the row as is
+        stats.records += 1
+        yield Doc(text="", source=source, origin=where, row=row)
+        return
+    text, reason = _text_of(row, text_fields)
+    if text is None:
+        stats.skip(reason, f"{where} (no non-empty text in {'/'.join(text_fields)})")
+        return
+    stats.records += 1
+    yield Doc(text=text, source=source, origin=where, row=row)
 
 
 def read_jsonl(path: Path, source: str, stats: ReadStats, text_fields: list[str] | None) -> Iterator[Doc]:
@@ -175,50 +289,32 @@ def read_jsonl(path: Path, source: str, stats: ReadStats, text_fields: list[str]
             stats.skip("empty", f"{path}:{i}")
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            stats.skip("malformed_json", f"{path}:{i} ({e.msg})")
+            row = _loads(line)
+        except ValueError as e:
+            stats.skip("malformed_json", f"{path}:{i} ({getattr(e, 'msg', str(e))[:80]})")
             continue
-        if not isinstance(row, dict):
-            stats.skip("not_an_object", f"{path}:{i}")
-            continue
-        yield from _row_doc(row, path, i, source, stats, text_fields)
-
-
-def _row_doc(row, path, i, source, stats, text_fields):
-    if text_fields is None:  # structured readers (sft / prefs) take the row as is
-        stats.records += 1
-        yield Doc(text="", source=source, origin=f"{path}:{i}", row=row)
-        return
-    text = _text_of(row, text_fields)
-    if text is None:
-        present = [k for k in text_fields if k in row]
-        stats.skip("missing_field" if not present else "empty",
-                   f"{path}:{i} (no non-empty {'/'.join(text_fields)})")
-        return
-    stats.records += 1
-    yield Doc(text=text, source=source, origin=f"{path}:{i}", row=row)
+        yield from _row_doc(row, f"{path}:{i}", source, stats, text_fields,
+                            checked=not _ESCAPED_SURROGATE.search(line))
 
 
 def read_json(path: Path, source: str, stats: ReadStats, text_fields: list[str] | None) -> Iterator[Doc]:
-    """A .json file holding a list of objects (Alpaca's own format) or one object per line."""
+    """A .json file holding a list of objects (Alpaca's own format), ``{"data": [...]}``, one object, or —
+    when the whole file does not parse — one object per line (read as JSON lines)."""
     try:
-        data = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        # fall back to per-line decoding: maybe it is JSON lines with a bad row
+        with _open(path) as f:
+            data = f.read().decode("utf-8")
+        obj = _loads(data[1:] if data.startswith("\ufeff") else data)
+    except (UnicodeDecodeError, ValueError, *_READ_ERRORS):
+        # not one JSON document (or not all UTF-8 / not readable to the end): maybe JSON lines with a bad
+        # row — per-line reading counts every bad line and keeps the good ones
         yield from read_jsonl(path, source, stats, text_fields)
         return
-    try:
-        obj = json.loads(data)
-    except json.JSONDecodeError:
-        yield from read_jsonl(path, source, stats, text_fields)
-        return
-    rows = obj if isinstance(obj, list) else obj.get("data", [obj]) if isinstance(obj, dict) else []
-    for i, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            stats.skip("not_an_object", f"{path}[{i - 1}]")
-            continue
-        yield from _row_doc(row, path, i, source, stats, text_fields)
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    rows = obj if isinstance(obj, list) else [obj]
+    checked = not _ESCAPED_SURROGATE.search(data)
+    for i, row in enumerate(rows, 1):   # origin path:N = the N-th row (1-based), like a line number
+        yield from _row_doc(row, f"{path}:{i}", source, stats, text_fields, checked)
 
 
 def read_txt(path: Path, source: str, stats: ReadStats, mode: str = "paragraph",
@@ -227,6 +323,8 @@ def read_txt(path: Path, source: str, stats: ReadStats, mode: str = "paragraph",
     files without blank lines are cut into chunks of whole lines of up to ``max_chars``), ``file``
     (the whole file, also chunked at ``max_chars``). Chunking keeps poetry/verse files (one line per
     hemistich) from becoming one giant document or thousands of tiny ones."""
+    if mode not in ("line", "paragraph", "file"):
+        raise ValueError(f"txt mode must be line, paragraph or file, got {mode!r}")
     buf: list[str] = []
     size, first = 0, 0
 
@@ -261,19 +359,59 @@ def read_txt(path: Path, source: str, stats: ReadStats, mode: str = "paragraph",
         yield d
 
 
+class _Replay:
+    """Decoded lines for the csv module, replayable: after a malformed record, the lines it swallowed
+    (all but its first) are read again, so one bad quote costs one row, not the rest of the file."""
+
+    def __init__(self, lines: Iterator[tuple[int, str]]):
+        self.lines, self.pending = lines, deque()
+        self.record: list[tuple[int, str]] = []   # the lines of the record being parsed
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        item = self.pending.popleft() if self.pending else next(self.lines)
+        self.record.append(item)
+        return item[1]
+
+    def replay_after_first(self) -> None:
+        self.pending.extendleft(reversed(self.record[1:]))
+
+
 def read_csv(path: Path, source: str, stats: ReadStats, text_fields: list[str] | None) -> Iterator[Doc]:
-    delim = "\t" if path.suffix.lower() == ".tsv" else ","
-    # decode per line so one bad byte costs one row (counted), then parse the rest as CSV
-    good_lines = [line for _, line in _iter_lines(path, stats)]
-    reader = csv.DictReader(io.StringIO("".join(good_lines)), delimiter=delim)
-    try:
-        for i, row in enumerate(reader, 2):
-            if None in row:  # more cells than header fields
-                stats.skip("malformed_row", f"{path}:{i}")
-                continue
-            yield from _row_doc(dict(row), path, i, source, stats, text_fields)
-    except csv.Error as e:
-        stats.skip("malformed_row", f"{path}: {e}")
+    """CSV / TSV with a header row. Parsed strictly: a record that is not well-formed CSV (an unterminated
+    or stray quote, a line break in an unquoted field, a field over the csv module's size limit) or has
+    more cells than the header is counted as ``malformed_row`` at its first line, and parsing resumes
+    at the line after it."""
+    src = _Replay(_iter_lines(path, stats))
+    reader = csv.reader(src, delimiter="\t" if _kind(path) == "tsv" else ",", strict=True)
+    header = None
+    while True:
+        src.record = []
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            if not src.record:   # nothing was read (cannot happen with a line iterator; be safe)
+                break
+            stats.skip("malformed_row", f"{path}:{src.record[0][0]} ({e})")
+            src.replay_after_first()
+            reader = csv.reader(src, delimiter=reader.dialect.delimiter, strict=True)
+            continue
+        line = src.record[0][0] if src.record else 0
+        if not cells or not any(c.strip() for c in cells):
+            stats.skip("empty", f"{path}:{line}")
+            continue
+        if header is None:
+            header = cells
+            continue
+        if len(cells) > len(header):
+            stats.skip("malformed_row", f"{path}:{line} ({len(cells)} cells, the header has {len(header)})")
+            continue
+        row = dict(zip(header, cells))
+        yield from _row_doc(row, f"{path}:{line}", source, stats, text_fields, checked=True)
 
 
 def read_parquet(path: Path, source: str, stats: ReadStats, text_fields: list[str] | None) -> Iterator[Doc]:
@@ -282,16 +420,15 @@ def read_parquet(path: Path, source: str, stats: ReadStats, text_fields: list[st
     except ImportError:
         stats.skip("unsupported_format", f"{path} (install pyarrow to read parquet)")
         return
+    i = 0
     try:
         pf = pq.ParquetFile(path)
-    except Exception as e:  # corrupt file: count, do not crash the run
-        stats.skip("unreadable_file", f"{path} ({type(e).__name__}: {e})")
-        return
-    i = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            i += 1
-            yield from _row_doc(row, path, i, source, stats, text_fields)
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                i += 1
+                yield from _row_doc(row, f"{path}:{i}", source, stats, text_fields)
+    except Exception as e:  # a corrupt file or row group: count it (with how far it got), keep the rows before
+        stats.skip("unreadable_file", f"{path}:{i + 1} ({type(e).__name__}: {str(e)[:120]})")
 
 
 def read_hf(spec: str, source: str, stats: ReadStats, text_fields: list[str] | None, allow_hub: bool) -> Iterator[Doc]:
@@ -311,8 +448,17 @@ def read_hf(spec: str, source: str, stats: ReadStats, text_fields: list[str] | N
     except Exception as e:
         raise HubDisabled(f"{spec}: could not load from the Hugging Face Hub ({type(e).__name__}: {e}); "
                           "are you offline? Download it elsewhere and pass the files instead") from None
-    for i, row in enumerate(ds, 1):
-        yield from _row_doc(dict(row), spec, i, source, stats, text_fields)
+    i = 0
+    it = iter(ds)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # the stream broke off (network, a bad shard): say where, do not pretend it ended
+            raise HubDisabled(f"{spec}: reading stopped after {i} rows ({type(e).__name__}: {e})") from None
+        i += 1
+        yield from _row_doc(dict(row), f"{spec}:{i}", source, stats, text_fields)
 
 
 def read_documents(inputs: Iterable[tuple[str, str]], stats: ReadStats, text_fields: list[str] | None = ("text",),
@@ -329,22 +475,32 @@ def read_documents(inputs: Iterable[tuple[str, str]], stats: ReadStats, text_fie
             stats.skip("missing_file", str(path))
             continue
         if not os.access(path, os.R_OK):
-            stats.skip("unreadable_file", str(path))
+            stats.skip("unreadable_file", f"{path} (permission denied)")
+            continue
+        kind = _kind(path)
+        if kind is None:
+            stats.skip("unsupported_format", f"{path} (readable: {', '.join(sorted(SUFFIXES))}, "
+                                             f"optionally {'/'.join(COMPRESSIONS)}-compressed)")
             continue
         stats.files += 1
-        suf = path.suffix.lower()
-        if suf in JSONL_SUFFIXES:
+        if kind == "jsonl":
             yield from read_jsonl(path, source, stats, tf)
-        elif suf == ".json":
+        elif kind == "json":
             yield from read_json(path, source, stats, tf)
-        elif suf in (".csv", ".tsv"):
+        elif kind in ("csv", "tsv"):
             yield from read_csv(path, source, stats, tf)
-        elif suf == ".parquet":
+        elif kind == "parquet":
             yield from read_parquet(path, source, stats, tf)
-        elif suf in TEXT_SUFFIXES or tf is not None:
-            if tf is None:
-                stats.skip("unsupported_format", f"{path} (structured data must be jsonl/json/csv/parquet)")
-                continue
-            yield from read_txt(path, source, stats, txt_mode, max_chars)
+        elif tf is None:
+            stats.skip("unsupported_format", f"{path} (structured data must be jsonl/json/csv/parquet)")
         else:
-            stats.skip("unsupported_format", str(path))
+            yield from read_txt(path, source, stats, txt_mode, max_chars)
+
+
+def format_skips(verb: str, counts: dict, examples: dict, width: int = 24) -> list[str]:
+    """Report lines ``  <verb> <reason>  <count>   e.g. <first location>`` (one per reason)."""
+    out = []
+    for k, v in counts.items():
+        ex = (examples.get(k) or [""])[0]
+        out.append(f"  {verb} {k:<{width}}{v:>7}   e.g. {ex[:110]}")
+    return out

@@ -24,6 +24,7 @@ roles), ``last_turn_not_assistant``, ``no_loss_tokens``, ``too_long`` (or ``trun
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -32,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from dhad.data.prepare import _is_val, _jsonable
-from dhad.data.readers import NoInput, ReadStats, expand_inputs, read_documents
-from dhad.data.shards import Example, ShardWriter, _write_json_atomic, pack_examples, pad_example
+from dhad.data.readers import NoInput, ReadStats, expand_inputs, format_skips, read_documents
+from dhad.data.shards import Example, ShardWriter, _write_json_atomic, output_dir, pack_examples, pad_example
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "system": "system"}
@@ -157,13 +158,11 @@ class SFTConfig:
 
 
 def build_examples(cfg: SFTConfig, enc, fmt, stats: ReadStats, reasons: Counter, examples_of: dict):
-    """Yield (split, Example, source) for every usable row; count the others in ``reasons``."""
+    """Yield (split, Example, source) for every usable row; count the others in ``reasons`` (and the
+    kept rows that were cut to ``seq_len`` under ``truncated``)."""
     inputs = expand_inputs(cfg.inputs, cfg.data_root)
-    n = 0
-    for doc in read_documents(inputs, stats, text_fields=None, allow_hub=cfg.allow_hub):
-        if cfg.max_rows is not None and n >= cfg.max_rows:
-            break
-        n += 1
+    docs = read_documents(inputs, stats, text_fields=None, allow_hub=cfg.allow_hub)
+    for doc in itertools.islice(docs, cfg.max_rows):   # islice reads no row past the last one used
         try:
             msgs = row_to_messages(doc.row, cfg.system)
             ex = encode_conversation(enc, msgs, fmt, cfg.answer_as_served)
@@ -187,7 +186,13 @@ def build_examples(cfg: SFTConfig, enc, fmt, stats: ReadStats, reasons: Counter,
 
 
 def prepare_sft(cfg: SFTConfig) -> dict:
-    """Build <out>/train and <out>/validation SFT shards; returns the report (also <out>/sft_report.json)."""
+    """Build <out>/train and <out>/validation SFT shards; returns the report (also <out>/sft_report.json).
+    A run that fails leaves the previous output as it was, and no output folder when there was none."""
+    with output_dir(cfg.out):
+        return _prepare_sft(cfg)
+
+
+def _prepare_sft(cfg: SFTConfig) -> dict:
     from dhad.data.encoder import Encoder
     enc = Encoder(cfg.tokenizer)
     fmt = resolve_format(cfg.chat_format, cfg.tokenizer)
@@ -230,7 +235,12 @@ def prepare_sft(cfg: SFTConfig) -> dict:
         summary[split] = {"examples": len(items), "rows": n_rows, "tokens": n_real, "loss_tokens": int(n_loss),
                           "fill": n_real / max(n_rows * cfg.seq_len, 1),
                           "sources": dict(Counter(src for _, src in items))}
-    report = {"inputs": stats.to_dict(), "dropped": dict(reasons), "dropped_examples": examples_of,
+    truncated = reasons.pop("truncated", 0)
+    examples_of.pop("truncated", None)
+    n_used = sum(len(v) for v in splits.values())
+    report = {"inputs": stats.to_dict(), "rows": {"read": stats.records, "used": n_used,
+                                                  "dropped": sum(reasons.values())},
+              "dropped": dict(reasons), "dropped_examples": examples_of, "truncated": truncated,
               "splits": summary, "chat_format": fmt.name, "packed": cfg.packed, "seq_len": cfg.seq_len,
               "tokenizer": {"path": str(cfg.tokenizer), "hash": enc.hash},
               "config": _jsonable(asdict(cfg))}
@@ -239,12 +249,17 @@ def prepare_sft(cfg: SFTConfig) -> dict:
 
 
 def format_sft_report(r: dict) -> str:
+    """The report as text: read problems (lines, files) and row drops are counted separately, so a reason
+    both can have (``invalid_utf8``: a bad line, or a row with a bad string) is never merged."""
     lines = [f"chat format: {r['chat_format']}, seq_len {r['seq_len']}, {'packed' if r['packed'] else 'unpacked'}"]
     inp = r["inputs"]
     lines.append(f"read: {inp['files']} files, {inp['records']} rows")
-    for k, v in {**inp["skipped"], **r["dropped"]}.items():
-        ex = (inp["skipped_examples"].get(k) or r["dropped_examples"].get(k) or [""])[0]
-        lines.append(f"  {'kept, ' if k == 'truncated' else 'dropped '}{k:<24}{v:>7}   e.g. {ex[:100]}")
+    lines += format_skips("skipped", inp["skipped"], inp["skipped_examples"])
+    rows = r.get("rows") or {"used": inp["records"] - sum(r["dropped"].values()), "dropped": sum(r["dropped"].values())}
+    lines.append(f"rows: {rows['used']} used, {rows['dropped']} dropped")
+    lines += format_skips("dropped", r["dropped"], r["dropped_examples"])
+    if r.get("truncated"):
+        lines.append(f"  kept, cut to seq_len {r['truncated']:>16}")
     for s, m in r["splits"].items():
         lines.append(f"{s:<11} {m['examples']:>7} examples  {m['rows']:>6} rows  {m['tokens']:>9} tokens  "
                      f"{m['loss_tokens']:>9} loss tokens  fill {100 * m['fill']:.1f}%")

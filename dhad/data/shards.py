@@ -73,6 +73,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -110,6 +111,26 @@ def tokenizer_hash(tokenizer_dir_or_file: str | os.PathLike) -> str | None:
         if cand.is_file():
             return file_hash(cand)
     return None
+
+
+@contextmanager
+def output_dir(path: str | os.PathLike):
+    """The output folder of a run (created when missing). When the run fails and the folder did not exist
+    before, it is removed again — with any parents it created — so a failed run leaves nothing behind
+    (an existing folder keeps its previous output: the writers publish atomically)."""
+    p = Path(path)
+    top = None
+    for q in (p, *p.parents):  # the outermost folder this call creates
+        if q.exists():
+            break
+        top = q
+    p.mkdir(parents=True, exist_ok=True)
+    try:
+        yield p
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
 
 
 class ShardWriter:

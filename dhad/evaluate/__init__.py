@@ -4,6 +4,8 @@
     scoring.py          log-likelihood scoring (a question's choices as one token tree), lm-eval's metrics
     runner.py           evaluate(model, tokenizer, tasks, shots, limit) -> results dict
     report.py           results.json / samples.jsonl / the cards' Markdown tables
+    bpb.py              held-out bits per byte of a model (tokenizer independent: UTF-8 bytes)
+    ngram.py            an interpolated modified Kneser-Ney n-gram baseline over token ids, scored the same way
     mtbench.py          MT-bench answers and GPT-4-style judging over OpenAI-compatible endpoints
     lm_eval_adapter.py  `--model dhad` for lm-evaluation-harness
     cli.py              `dhad eval`

@@ -424,7 +424,7 @@ def create_app(engine_or_model_dir, *, fmt=None, model_name: str | None = None,
         check_input(prompt)
         base, given = openai_params(req, default_max=16)  # OpenAI's default max_tokens for completions
         params = make_params(base, given, stops=False)
-        run = _Run(submit(backend.encode(prompt), params), app.state.content_filter)
+        run = _Run(submit(backend.encode(prompt, add_special_tokens=True), params), app.state.content_filter)
         cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
         prefix = prompt if req.echo else ""
         if not req.stream:

@@ -1,4 +1,4 @@
-"""Teacher backends for `dhad data translate` and `dhad data synth`: one async ``chat(messages)``.
+"""Teacher backends for translation and synthesis (`dhad data translate|synth`): one async ``chat(messages)``.
 
     backend = OpenAIBackend("http://127.0.0.1:8000/v1", model="x", concurrency=16)   # vLLM, `dhad serve`, hosted
     backend = EngineBackend.from_dir("out/model", max_batch_size=16)                # a dhad model, in process
@@ -18,9 +18,12 @@ Design choices:
   * the request's own fault (other 4xx, e.g. a prompt longer than the context): `RequestFailed`
     at once, no retry — the caller counts the document as skipped, a rerun tries it again;
   * the endpoint is unusable (401/403/404, or it has never answered and the retries ran out, or
-    ``max_failed_in_row`` requests failed in a row): `BackendUnavailable`, which stops the run
-    with a message naming the URL — retrying each of a million documents against a dead
-    endpoint would only hide the problem.
+    ``max_failed_in_row`` requests failed in a row — the message quotes the last failure, HTTP
+    status and body included): `BackendUnavailable`, which stops the run with a message naming the
+    URL — retrying each of a million documents against a dead endpoint would only hide the problem.
+- Without a model name, the OpenAI backend asks ``GET /models`` once per run, with the same
+  retries, and every request waits for that one lookup: concurrent requests never queue up to
+  repeat it (a dead endpoint costs one lookup's timeouts, not one per request).
 - The engine backend renders the conversation with the model's chat format (`dhad.prompts`), adds
   the format's turn-ending stop strings (as `dhad.generate.generate_text` does) and awaits the
   engine's async stream, so the event loop never blocks on generation.
@@ -29,14 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 __all__ = ["GenParams", "BackendStats", "BackendError", "RequestFailed", "BackendUnavailable", "OpenAIBackend",
-           "EngineBackend", "add_backend_arguments", "backend_from_args", "gen_params_from_args"]
+           "EngineBackend", "run_bounded"]
 
 
 @dataclass
@@ -139,48 +141,64 @@ class _Base:
             d = max(d, min(retry_after, self.max_backoff))
         return d
 
+    async def _retrying(self, op):
+        """``await op()`` with retries on `_Transient` failures (each counted); the last one is re-raised."""
+        last: _Transient | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                await asyncio.sleep(self._delay(attempt - 1, last.retry_after if last else None))
+            self.stats.requests += 1
+            if self._inflight == 0:
+                self._busy_since = time.perf_counter()
+            self._inflight += 1
+            try:
+                return await op()
+            except _Transient as e:
+                self.stats.errors[e.kind] += 1
+                last = e
+            except BackendError as e:
+                self.stats.errors[e.kind] += 1
+                raise
+            finally:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self.stats.busy_s += time.perf_counter() - self._busy_since
+        raise last
+
+    def _gave_up(self, last: _Transient, what: str = "") -> BackendUnavailable | None:
+        """BackendUnavailable when the endpoint has never answered (timeouts / refused connections only)."""
+        if not self._ever_ok and last.kind in ("timeout", "connect"):
+            return BackendUnavailable(f"{self.describe()} never answered{what}: {self.max_retries + 1} attempts, "
+                                      f"last {last.kind}: {last.detail}", last.kind)
+        return None
+
+    async def _ready(self) -> None:
+        """Anything the backend must know before its first request (the OpenAI model name)."""
+
     async def chat(self, messages: list[dict], params: GenParams | None = None) -> str:
         """The teacher's answer to ``messages`` (retried on transient failures)."""
         params = params or GenParams()
-        async with self._semaphore():
-            last: _Transient | None = None
-            for attempt in range(self.max_retries + 1):
-                if attempt:
-                    self.stats.retries += 1
-                    await asyncio.sleep(self._delay(attempt - 1, last.retry_after if last else None))
-                self.stats.requests += 1
-                if self._inflight == 0:
-                    self._busy_since = time.perf_counter()
-                self._inflight += 1
-                try:
-                    text = await self._once(messages, params)
-                except _Transient as e:
-                    self.stats.errors[e.kind] += 1
-                    last = e
-                    continue
-                except RequestFailed as e:
-                    self.stats.errors[e.kind] += 1
-                    self.stats.failed += 1
-                    self._note_failure()
-                    raise
-                except BackendUnavailable as e:
-                    self.stats.errors[e.kind] += 1
-                    raise
-                finally:
-                    self._inflight -= 1
-                    if self._inflight == 0:
-                        self.stats.busy_s += time.perf_counter() - self._busy_since
-                self.stats.ok += 1
-                self._ever_ok = True
-                self._failed_in_row = 0
-                return text
-            self.stats.failed += 1
-            msg = f"{self.describe()}: gave up after {self.max_retries + 1} attempts (last: {last.kind}: {last.detail})"
-            if not self._ever_ok and last.kind in ("timeout", "connect"):
-                raise BackendUnavailable(f"{self.describe()} never answered: {self.max_retries + 1} attempts, "
-                                         f"last {last.kind}: {last.detail}", last.kind)
-            self._note_failure(msg, last.kind)
-            raise RequestFailed(msg, last.kind)
+        sem = self._semaphore()
+        await self._ready()
+        async with sem:
+            try:
+                text = await self._retrying(lambda: self._once(messages, params))
+            except _Transient as last:
+                self.stats.failed += 1
+                if (dead := self._gave_up(last)) is not None:
+                    raise dead from None
+                msg = f"{self.describe()}: gave up after {self.max_retries + 1} attempts (last: {last.kind}: {last.detail})"
+                self._note_failure(msg, last.kind)
+                raise RequestFailed(msg, last.kind) from None
+            except RequestFailed as e:
+                self.stats.failed += 1
+                self._note_failure(str(e), e.kind)
+                raise
+            self.stats.ok += 1
+            self._ever_ok = True
+            self._failed_in_row = 0
+            return text
 
     def _note_failure(self, msg: str = "", kind: str = "error") -> None:
         self._failed_in_row += 1
@@ -192,6 +210,11 @@ class _Base:
         raise NotImplementedError
 
     def describe(self) -> str:
+        return self.name
+
+    @property
+    def teacher(self) -> str:
+        """What answered: the model id (recorded in synthesized rows and the reports)."""
         return self.name
 
 
@@ -231,10 +254,14 @@ class OpenAIBackend(_Base):
                                                    max_keepalive_connections=concurrency + 2),
                                transport=transport, trust_env=False)
         self._client = None
-        self._model_lock: asyncio.Lock | None = None
+        self._model_lookup: asyncio.Future | None = None
 
     def describe(self) -> str:
         return f"endpoint {self.base_url}"
+
+    @property
+    def teacher(self) -> str:
+        return self.model or self.base_url   # the model id once known (given, or from GET /models)
 
     def _http(self):
         import httpx
@@ -273,22 +300,33 @@ class OpenAIBackend(_Base):
             raise _Transient("malformed", f"{url}: JSON body is not an object")
         return data
 
-    async def _resolve_model(self) -> str:
+    async def _ready(self) -> None:
         if self.model:
-            return self.model
-        if self._model_lock is None:
-            self._model_lock = asyncio.Lock()
-        async with self._model_lock:
-            if not self.model:
-                data = await self._request("GET", "/models")
-                ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict) and m.get("id")]
-                if not ids:
-                    raise BackendUnavailable(f"{self.base_url}/models lists no model; pass --teacher-model", "no_model")
-                self.model = ids[0]
-        return self.model
+            return
+        if self._model_lookup is None:   # the first request starts the one lookup; the others await it
+            self._model_lookup = asyncio.ensure_future(self._lookup_model())
+        await asyncio.shield(self._model_lookup)
+
+    async def _lookup_model(self) -> None:
+        """``GET /models`` (retried like a request); the first model listed becomes ``self.model``."""
+        hint = "; pass --teacher-model NAME to skip the lookup"
+        try:
+            data = await self._retrying(lambda: self._request("GET", "/models"))
+        except _Transient as last:
+            dead = self._gave_up(last, f" (GET {self.base_url}/models)")
+            raise (dead or BackendUnavailable(f"GET {self.base_url}/models: gave up after {self.max_retries + 1} "
+                                              f"attempts (last: {last.kind}: {last.detail}){hint}", last.kind)) from None
+        except RequestFailed as e:
+            raise BackendUnavailable(f"GET {self.base_url}/models: {e}{hint}", e.kind) from None
+        ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict) and m.get("id")] \
+            if isinstance(data.get("data"), list) else []
+        if not ids:
+            raise BackendUnavailable(f"{self.base_url}/models lists no model{hint}", "no_model")
+        self._ever_ok = True
+        self.model = str(ids[0])
 
     async def _once(self, messages: list[dict], params: GenParams) -> str:
-        body = {"model": await self._resolve_model(), "messages": messages, "max_tokens": params.max_tokens,
+        body = {"model": self.model, "messages": messages, "max_tokens": params.max_tokens,
                 "temperature": params.temperature, "top_p": params.top_p}
         if params.seed is not None:
             body["seed"] = params.seed
@@ -310,7 +348,7 @@ class OpenAIBackend(_Base):
 
     def _new_loop(self) -> None:
         self._client = None       # the old loop's connections cannot be used (or closed) from this one
-        self._model_lock = None
+        self._model_lookup = None
 
     async def end_loop(self) -> None:
         if self._client is not None:
@@ -358,6 +396,10 @@ class EngineBackend(_Base):
     def describe(self) -> str:
         return f"engine ({self.label})"
 
+    @property
+    def teacher(self) -> str:
+        return self.label
+
     async def _once(self, messages: list[dict], params: GenParams) -> str:
         from dhad import prompts
         from dhad.engine import EngineClosed, QueueFull, RequestError
@@ -397,7 +439,7 @@ class EngineBackend(_Base):
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI glue shared by translate and synth
+# Running many requests
 
 async def run_bounded(jobs, worker, max_inflight: int, fatal: list) -> None:
     """Run ``worker(*args)`` for every ``args`` of the iterable ``jobs``, at most ``max_inflight`` at
@@ -414,42 +456,3 @@ async def run_bounded(jobs, worker, max_inflight: int, fatal: list) -> None:
         if fatal:
             raise fatal[0] from None
         raise eg.exceptions[0] if len(eg.exceptions) == 1 else eg
-
-
-def add_backend_arguments(parser) -> None:
-    g = parser.add_argument_group("teacher backend (one of --model / --endpoint)")
-    g.add_argument("--model", help="a dhad model directory, run in process through the batching engine")
-    g.add_argument("--endpoint", help="an OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 "
-                                      "(vLLM, `dhad serve`, a hosted API)")
-    g.add_argument("--teacher-model", help="model name sent to the endpoint (default: the first of GET /models)")
-    g.add_argument("--api-key", help="API key for the endpoint (default: $DHAD_API_KEY or $OPENAI_API_KEY)")
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request before it counts as timed out")
-    g.add_argument("--max-retries", type=int, default=5, help="retries of a request on 429/5xx/timeout/malformed")
-    g.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds (doubles each retry)")
-    g.add_argument("--format", dest="chat_format", help="chat format for --model (default: the model's own)")
-    g.add_argument("--dtype", default="float32", help="dtype for --model (float32, bfloat16)")
-    g.add_argument("--device", default="cpu", help="device for --model")
-    g.add_argument("--max-tokens", type=int, default=512, help="max new tokens per request")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-
-
-def backend_from_args(args):
-    """The backend the CLI arguments ask for (raises ValueError with a clear message otherwise)."""
-    if bool(args.model) == bool(args.endpoint):
-        raise ValueError("give exactly one teacher: --model DIR (a dhad model) or --endpoint URL (OpenAI-compatible)")
-    if args.endpoint:
-        key = args.api_key or os.environ.get("DHAD_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        return OpenAIBackend(args.endpoint, model=args.teacher_model, api_key=key, timeout=args.timeout,
-                             concurrency=args.concurrency, max_retries=args.max_retries, backoff=args.backoff)
-    if not os.path.isdir(args.model):
-        raise ValueError(f"--model {args.model}: not a directory (expected a dhad/HF model directory)")
-    return EngineBackend.from_dir(args.model, dtype=args.dtype, device=args.device, fmt=args.chat_format,
-                                  max_batch_size=args.concurrency, max_retries=args.max_retries)
-
-
-def gen_params_from_args(args, default_temperature: float = 0.0) -> GenParams:
-    t = default_temperature if args.temperature is None else args.temperature
-    return GenParams(max_tokens=args.max_tokens, temperature=t, top_p=args.top_p, seed=args.seed)

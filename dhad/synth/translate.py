@@ -2,7 +2,7 @@
 
 The Jais-family card grows its Arabic share by translating *high-quality* English sources (Wikipedia,
 books) into Arabic; this module is that step, for any dhad model (in process, through the batching
-engine) or any OpenAI-compatible endpoint (see `dhad.data.backends`).
+engine) or any OpenAI-compatible endpoint (see `dhad.synth.backends`).
 
     report = translate_corpus(TranslateConfig(inputs=["english"], data_root=..., out="ar.jsonl",
                                               source_quality={"english": "high"}), backend)
@@ -23,7 +23,9 @@ Design choices:
   line that does not parse), reads the ids already done from the kept *and* rejected files, and
   the run continues with the rest — nothing lost, nothing twice. Documents whose requests failed
   are written nowhere (counted in the report), so a rerun retries exactly them. Ids come from the
-  row's ``id_field`` or else ``file:line``; a repeated id in the input is counted and skipped.
+  row's ``id_field`` or else ``file:line``; a repeated id in the input is counted and skipped. A run
+  stopped by an error (a dead endpoint, Ctrl-C) still writes its report: ``"status": "stopped"``,
+  the error, and the counts so far.
 - **Long documents** are cut at paragraph breaks, then sentence ends (Latin ``.!?`` and Arabic
   ``؟`` ``۔``, with closing quotes), then line breaks, then spaces, then (a single word longer
   than the limit) characters; adjacent pieces are packed back together up to ``max_chunk_chars``.
@@ -55,8 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from dhad.data.backends import (BackendUnavailable, GenParams, RequestFailed, add_backend_arguments, run_bounded,
-                                backend_from_args, gen_params_from_args)
+from dhad.synth.backends import BackendUnavailable, GenParams, RequestFailed, run_bounded
 from dhad.data.filters import script_counts
 from dhad.data.readers import SUFFIXES, Doc, ReadStats, expand_inputs, read_documents
 from dhad.utils import atomic_write_json as write_json_atomic
@@ -64,7 +65,7 @@ from dhad.utils import jsonable as _jsonable
 
 __all__ = ["TranslateError", "Chunk", "split_text", "reassemble", "QualityConfig", "RULES", "check_translation",
            "script_ratio", "repetition", "chrf", "corpus_chrf", "recover_jsonl", "JsonlAppender", "TranslateConfig",
-           "translate_corpus", "translation_messages", "add_translate_arguments", "run_translate"]
+           "translate_corpus", "translation_messages", "format_report"]
 
 LANGS = {"en": "English", "ar": "Modern Standard Arabic"}
 SCRIPT_OF = {"en": "latin", "ar": "arabic"}
@@ -281,7 +282,7 @@ class JsonlAppender:
         self.count = 0
 
     def append(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"   # default: parquet dates, bytes
         self._f.write(line.encode("utf-8"))
         self._f.flush()
         os.fsync(self._f.fileno())
@@ -403,7 +404,8 @@ async def _translate_text(backend, text: str, src: str, tgt: str, cfg: Translate
     return reassemble(chunks, outs), len(chunks)
 
 
-def _check_config(cfg: TranslateConfig) -> None:
+def check_config(cfg: TranslateConfig) -> None:
+    """Raise TranslateError for a configuration that cannot run (before any model is loaded)."""
     for lang in (cfg.src_lang, cfg.tgt_lang):
         if lang not in LANGS:
             raise TranslateError(f"unknown language {lang!r}: expected one of {', '.join(LANGS)}")
@@ -419,7 +421,7 @@ def _check_config(cfg: TranslateConfig) -> None:
 
 def translate_corpus(cfg: TranslateConfig, backend) -> dict:
     """Translate ``cfg.inputs`` with ``backend``; returns (and writes) the report. Resumes by default."""
-    _check_config(cfg)
+    check_config(cfg)
     files = resolve_sources(list(cfg.inputs), cfg.data_root, cfg.sources)
     return asyncio.run(_run(cfg, backend, files))
 
@@ -445,12 +447,16 @@ async def _run(cfg: TranslateConfig, backend, files) -> dict:
     seen: set[str] = set()
     fatal: list[BaseException] = []
 
+    reading: list[ReadStats] = []          # the file being read (its counts, should the run stop mid-file)
+
     def read_all() -> Iterator[Doc]:
         for spec in files:  # per file, so that an empty file is reported as one
             fs = ReadStats()
+            reading[:] = [fs]
             yield from read_documents([spec], fs, text_fields=(cfg.text_field,), txt_mode=cfg.txt_mode)
             if fs.files and fs.records == 0 and not fs.skipped:
                 fs.skip("empty_file", spec[0])
+            reading.clear()
             stats.merge(fs)
 
     def docs() -> Iterator[tuple[str, Doc]]:
@@ -533,10 +539,46 @@ async def _run(cfg: TranslateConfig, backend, files) -> dict:
                 break
             yield did, doc, kept_w, rej_w
 
+    def report(error: BaseException | None = None) -> dict:
+        read = ReadStats()
+        for st in (stats, *reading):
+            read.merge(st)
+        rep = {
+            "direction": f"{cfg.src_lang}-{cfg.tgt_lang}", "out": str(out), "rejected_out": str(rej_path),
+            "status": "complete" if error is None else "stopped",
+            "read": read.to_dict(),
+            "selection": {"quality_field": cfg.quality_field, "accepted": sorted(accepted) or "all",
+                          "by_tag": dict(sorted(tags.items()))},
+            "docs": {k: c[k] for k in ("translated", "kept", "rejected", "failed", "already_done", "not_selected",
+                                       "duplicate_id", "too_long")},
+            "rules": rules,
+            "failed_examples": failures,
+            "chunks": c["chunks"], "chars_in": c["chars_in"], "chars_out": c["chars_out"],
+            "resume": {"done_before": len(done), "kept_file": info_out, "rejected_file": info_rej},
+            "teacher": getattr(backend, "teacher", None),
+            "backend": backend.stats.to_dict(),
+            "elapsed_s": round(time.perf_counter() - t0, 3),
+            "config": _jsonable(asdict(cfg)),
+        }
+        if error is not None:
+            rep["error"] = f"{type(error).__name__}: {error}"
+        if pairs:
+            rep["round_trip"] = {"docs": len(pairs),
+                                 "mean_chrf": round(sum(chrf(h, r) for h, r in pairs) / len(pairs), 4),
+                                 "corpus_chrf": round(corpus_chrf([h for h, _ in pairs], [r for _, r in pairs]), 4)}
+        return rep
+
     try:
         with JsonlAppender(out) as kept_w, JsonlAppender(rej_path) as rej_w:
             await run_bounded(jobs(kept_w, rej_w), one,
                               cfg.max_inflight_docs or max(4, 2 * getattr(backend, "concurrency", 2)), fatal)
+    except BaseException as e:   # a dead endpoint, Ctrl-C, a full disk: keep the counts of what was done
+        try:
+            write_json_atomic(rep_path, report(e))
+            e.report_path = str(rep_path)
+        except Exception:        # the report is a courtesy here: the error that stopped the run comes first
+            pass
+        raise
     finally:
         if progress is not None:
             progress.close()
@@ -545,27 +587,9 @@ async def _run(cfg: TranslateConfig, backend, files) -> dict:
         empty = [str(p) for p, _ in files]
         raise TranslateError(f"no documents with a non-empty {cfg.text_field!r} field in {', '.join(empty)} "
                              f"(read report: {json.dumps(stats.to_dict(), ensure_ascii=False)})")
-    report = {
-        "direction": f"{cfg.src_lang}-{cfg.tgt_lang}", "out": str(out), "rejected_out": str(rej_path),
-        "read": stats.to_dict(),
-        "selection": {"quality_field": cfg.quality_field, "accepted": sorted(accepted) or "all",
-                      "by_tag": dict(sorted(tags.items()))},
-        "docs": {k: c[k] for k in ("translated", "kept", "rejected", "failed", "already_done", "not_selected",
-                                   "duplicate_id", "too_long")},
-        "rules": rules,
-        "failed_examples": failures,
-        "chunks": c["chunks"], "chars_in": c["chars_in"], "chars_out": c["chars_out"],
-        "resume": {"done_before": len(done), "kept_file": info_out, "rejected_file": info_rej},
-        "backend": backend.stats.to_dict(),
-        "elapsed_s": round(time.perf_counter() - t0, 3),
-        "config": _jsonable(asdict(cfg)),
-    }
-    if pairs:
-        report["round_trip"] = {"docs": len(pairs),
-                                "mean_chrf": round(sum(chrf(h, r) for h, r in pairs) / len(pairs), 4),
-                                "corpus_chrf": round(corpus_chrf([h for h, _ in pairs], [r for _, r in pairs]), 4)}
-    write_json_atomic(rep_path, report)
-    return report
+    rep = report()
+    write_json_atomic(rep_path, rep)
+    return rep
 
 
 def format_report(r: dict) -> str:
@@ -585,102 +609,5 @@ def format_report(r: dict) -> str:
     b = r["backend"]
     lines.append(f"backend: {b['requests']} requests, {b['retries']} retries, errors {b['errors'] or 'none'}; "
                  f"{r['elapsed_s']:.1f}s")
-    lines.append(f"output: {r['out']} (+ {r['rejected_out']})")
+    lines.append(f"teacher: {r.get('teacher')}; output: {r['out']} (+ {r['rejected_out']})")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI (`dhad data translate`, wired in dhad/data/cli.py)
-
-def _kv(items: list[str] | None, flag: str) -> dict:
-    out = {}
-    for it in items or []:
-        for part in it.split(","):
-            if not part.strip():
-                continue
-            if "=" not in part:
-                raise TranslateError(f"{flag} {part!r}: expected SOURCE=TAG")
-            k, v = part.split("=", 1)
-            out[k.strip()] = v.strip()
-    return out
-
-
-def _data_default():
-    d = os.environ.get("DHAD_DATA_DIR")
-    return [d] if d else None
-
-
-def data_args(data: list[str] | None, flag: str = "--data") -> tuple[list[str], str | None]:
-    """(inputs, data_root) from ``--data``: a single directory is also the root ids are relative to."""
-    if not data:
-        raise TranslateError(f"no input: pass {flag} PATH ... or set DHAD_DATA_DIR")
-    root = data[0] if len(data) == 1 and Path(data[0]).is_dir() else None
-    return list(data), root
-
-
-def add_translate_arguments(parser) -> None:
-    parser.add_argument("--data", nargs="+", default=_data_default(), metavar="PATH",
-                        help="corpora: directories (their top-level folders are the sources), files "
-                             "(jsonl/json/txt/csv/tsv/parquet), globs, SOURCE=PATH. Default: $DHAD_DATA_DIR")
-    parser.add_argument("--sources", help="only these sources, comma-separated (e.g. english)")
-    parser.add_argument("--out", required=True, help="output JSONL (resumed if it exists)")
-    parser.add_argument("--direction", default="en-ar", help="SRC-TGT: en-ar (default) or ar-en")
-    parser.add_argument("--text-field", default="text", help="JSON field holding the text (default text)")
-    parser.add_argument("--id-field", default="id", help="JSON field holding a document id (default id; else file:line)")
-    parser.add_argument("--quality-field", default="quality", help="row field with the quality tag")
-    parser.add_argument("--quality", default="high",
-                        help="accepted tags, comma-separated (default high); 'all' translates everything")
-    parser.add_argument("--source-quality", action="append", metavar="SOURCE=TAG",
-                        help="tag for a source's rows without their own, e.g. english=high (repeatable)")
-    parser.add_argument("--max-chunk-chars", type=int, default=1500, help="split longer documents (default 1500)")
-    parser.add_argument("--max-doc-chars", type=int, default=None, help="skip documents longer than this")
-    parser.add_argument("--limit", type=int, default=None, help="translate at most N documents in this run")
-    parser.add_argument("--round-trip", action="store_true", help="translate back and score chrF against the source")
-    parser.add_argument("--min-chrf", type=float, default=None, help="reject when the round-trip chrF is below this")
-    parser.add_argument("--min-script-ratio", type=float, default=0.7)
-    parser.add_argument("--length-ratio", default="0.4,2.5", help="accepted target/source length ratio MIN,MAX")
-    parser.add_argument("--max-repetition", type=float, default=0.3)
-    parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
-    parser.add_argument("--no-progress", action="store_true")
-    add_backend_arguments(parser)
-
-
-def config_from_args(args) -> TranslateConfig:
-    try:
-        src, tgt = args.direction.split("-")
-    except ValueError:
-        raise TranslateError(f"--direction {args.direction!r}: expected SRC-TGT such as en-ar") from None
-    try:
-        lo, hi = (float(x) for x in args.length_ratio.split(","))
-    except ValueError:
-        raise TranslateError(f"--length-ratio {args.length_ratio!r}: expected MIN,MAX") from None
-    quality = () if args.quality.strip().lower() == "all" else tuple(q.strip() for q in args.quality.split(",") if q.strip())
-    inputs, root = data_args(args.data)
-    sources = tuple(x.strip() for x in args.sources.split(",") if x.strip()) if args.sources else None
-    return TranslateConfig(
-        inputs=inputs, out=args.out, data_root=root, sources=sources, src_lang=src, tgt_lang=tgt,
-        text_field=args.text_field, id_field=args.id_field or None, quality_field=args.quality_field,
-        quality=quality, source_quality=_kv(args.source_quality, "--source-quality"),
-        max_chunk_chars=args.max_chunk_chars, max_doc_chars=args.max_doc_chars, limit=args.limit,
-        round_trip=args.round_trip,
-        quality_rules=QualityConfig(min_script_ratio=args.min_script_ratio, min_length_ratio=lo, max_length_ratio=hi,
-                                    max_repetition=args.max_repetition, min_chrf=args.min_chrf),
-        gen=gen_params_from_args(args, 0.0), overwrite=args.overwrite, progress=not args.no_progress)
-
-
-def run_translate(args) -> int:
-    from dhad.cli import CLIError
-    backend = None
-    try:
-        cfg = config_from_args(args)
-        _check_config(cfg)
-        resolve_sources(list(cfg.inputs), cfg.data_root, cfg.sources)   # fail on a bad source before loading a model
-        backend = backend_from_args(args)
-        report = translate_corpus(cfg, backend)
-    except (TranslateError, BackendUnavailable, ValueError) as e:
-        raise CLIError(str(e)) from None
-    finally:
-        if backend is not None:
-            backend.close()
-    print(format_report(report))
-    return 0

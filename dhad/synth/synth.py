@@ -26,7 +26,7 @@ Design choices:
   3-grams, as translate); then ``exact_duplicate`` / ``near_duplicate`` against the existing data
   (``dedup_against``: any schema `dhad data sft` reads) and everything kept before, with
   `dhad.data.dedup` (MinHash-LSH over word 5-grams, Jaccard threshold 0.8 by default).
-- **Resumable** exactly like translate: one JSONL line per conversation (write + flush + fsync), ids
+- **Resumable** exactly like translate (a stopped run writes its report too): one JSONL line per conversation (write + flush + fsync), ids
   ``<seed id>#<sample>``; a restart cuts a torn last line, skips ids already in the output or the
   rejected file, and rebuilds the dedup index from the existing data and the conversations already
   kept (in file order), so a resumed run rejects the same near-duplicates an uninterrupted one would
@@ -43,15 +43,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dhad.data.backends import (BackendUnavailable, GenParams, RequestFailed, add_backend_arguments, run_bounded,
-                                backend_from_args, gen_params_from_args)
 from dhad.data.dedup import DedupConfig, Deduplicator, exact_key, signature
 from dhad.data.readers import ReadStats, read_documents
-from dhad.data.translate import (JsonlAppender, TranslateError, _data_default, _jsonable, data_args, doc_id,
-                                 recover_jsonl, repetition, resolve_sources, script_ratio, sidecar, write_json_atomic)
+from dhad.synth.backends import BackendUnavailable, GenParams, RequestFailed, run_bounded
+from dhad.synth.translate import (JsonlAppender, TranslateError, _jsonable, doc_id, recover_jsonl, repetition,
+                                  resolve_sources, script_ratio, sidecar, write_json_atomic)
 
 __all__ = ["SynthError", "SynthConfig", "SynthFilterConfig", "Seed", "RULES", "load_seeds", "detect_lang",
-           "is_refusal", "check_conversation", "synth", "add_synth_arguments", "run_synth"]
+           "is_refusal", "check_conversation", "synth", "format_report"]
 
 RULES = ("empty", "language", "too_short", "too_long", "refusal", "repetition", "exact_duplicate", "near_duplicate")
 
@@ -226,7 +225,7 @@ class SynthConfig:
     dedup: DedupConfig | None = field(default_factory=DedupConfig)
     dedup_against: list[str] = field(default_factory=list)
     gen: GenParams = field(default_factory=lambda: GenParams(temperature=0.7))
-    teacher: str | None = None            # recorded in every row
+    teacher: str | None = None            # recorded in every row (default: the backend's model id)
     max_inflight: int | None = None
     overwrite: bool = False
     progress: bool = True
@@ -356,8 +355,9 @@ async def _run(cfg: SynthConfig, backend, seeds: list[Seed], stats: ReadStats, r
             rule = feed(conversation_text(conv))
         rec = {"id": cid, "messages": conv, "lang": seed.lang, "mode": cfg.mode, "seed_id": seed.id,
                "source": seed.source}
-        if cfg.teacher:
-            rec["teacher"] = cfg.teacher
+        teacher = cfg.teacher or getattr(backend, "teacher", None)   # the model id the endpoint resolved
+        if teacher:
+            rec["teacher"] = teacher
         c["generated"] += 1
         if rule:
             rules[rule] += 1
@@ -386,30 +386,45 @@ async def _run(cfg: SynthConfig, backend, seeds: list[Seed], stats: ReadStats, r
                 started += 1
                 yield seed, k, cid, kept_w, rej_w
 
+    def report(error: BaseException | None = None) -> dict:
+        rep = {
+            "mode": cfg.mode, "out": str(out), "rejected_out": str(rej_path),
+            "status": "complete" if error is None else "stopped",
+            "seeds": {"read": stats.to_dict(), "used": len(seeds), "by_lang": dict(Counter(s.lang for s in seeds)),
+                      "skipped": dict(reasons)},
+            "conversations": {k: c[k] for k in ("generated", "kept", "rejected", "failed", "already_done")},
+            "kept_by_lang": dict(langs), "assistant_turns": c["turns"],
+            "rules": rules,
+            "dedup": {"existing_examples": n_existing, "existing_read": ex_stats.to_dict()} if dd is not None else None,
+            "failed_examples": failures,
+            "resume": {"done_before": len(done), "kept_file": info_out, "rejected_file": info_rej},
+            "teacher": cfg.teacher or getattr(backend, "teacher", None),
+            "backend": backend.stats.to_dict(),
+            "elapsed_s": round(time.perf_counter() - t0, 3),
+            "config": _jsonable(asdict(cfg)),
+        }
+        if error is not None:
+            rep["error"] = f"{type(error).__name__}: {error}"
+        return rep
+
     try:
         with JsonlAppender(out) as kept_w, JsonlAppender(rej_path) as rej_w:
             await run_bounded(jobs(kept_w, rej_w), one, cfg.max_inflight or max(4, 2 * getattr(backend, "concurrency", 2)),
                               fatal)
+    except BaseException as e:   # a dead endpoint, Ctrl-C, a full disk: keep the counts of what was done
+        try:
+            write_json_atomic(rep_path, report(e))
+            e.report_path = str(rep_path)
+        except Exception:        # the report is a courtesy here: the error that stopped the run comes first
+            pass
+        raise
     finally:
         if progress is not None:
             progress.close()
         await backend.end_loop()
-    report = {
-        "mode": cfg.mode, "out": str(out), "rejected_out": str(rej_path),
-        "seeds": {"read": stats.to_dict(), "used": len(seeds), "by_lang": dict(Counter(s.lang for s in seeds)),
-                  "skipped": dict(reasons)},
-        "conversations": {k: c[k] for k in ("generated", "kept", "rejected", "failed", "already_done")},
-        "kept_by_lang": dict(langs), "assistant_turns": c["turns"],
-        "rules": rules,
-        "dedup": {"existing_examples": n_existing, "existing_read": ex_stats.to_dict()} if dd is not None else None,
-        "failed_examples": failures,
-        "resume": {"done_before": len(done), "kept_file": info_out, "rejected_file": info_rej},
-        "backend": backend.stats.to_dict(),
-        "elapsed_s": round(time.perf_counter() - t0, 3),
-        "config": _jsonable(asdict(cfg)),
-    }
-    write_json_atomic(rep_path, report)
-    return report
+    rep = report()
+    write_json_atomic(rep_path, rep)
+    return rep
 
 
 def format_report(r: dict) -> str:
@@ -423,69 +438,5 @@ def format_report(r: dict) -> str:
     b = r["backend"]
     lines.append(f"backend: {b['requests']} requests, {b['retries']} retries, errors {b['errors'] or 'none'}; "
                  f"{r['elapsed_s']:.1f}s")
-    lines.append(f"output: {r['out']} (+ {r['rejected_out']})")
+    lines.append(f"teacher: {r.get('teacher')}; output: {r['out']} (+ {r['rejected_out']})")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI (`dhad data synth`, wired in dhad/data/cli.py)
-
-def add_synth_arguments(parser) -> None:
-    parser.add_argument("--data", nargs="+", default=_data_default(), metavar="PATH",
-                        help="seed prompts: files/directories/globs (jsonl/json/csv/parquet rows with instruction[+input], "
-                             "prompt, question or messages). Default: $DHAD_DATA_DIR")
-    parser.add_argument("--out", required=True, help="output JSONL in the chat schema (resumed if it exists)")
-    parser.add_argument("--mode", choices=("distill", "selfchat"), default="distill",
-                        help="distill: one answer per seed; selfchat: the teacher also plays the user")
-    parser.add_argument("--turns", type=int, default=3, help="user turns per conversation in selfchat (default 3)")
-    parser.add_argument("--samples", type=int, default=1, help="conversations per seed (default 1)")
-    parser.add_argument("--lang", choices=("ar", "en"), help="only seeds in this language")
-    parser.add_argument("--prompt-field", action="append", help="seed field(s) holding the prompt "
-                                                                "(default instruction, prompt, question)")
-    parser.add_argument("--system", help="system prompt for the teacher (default: answer in the seed's language)")
-    parser.add_argument("--keep-system", action="store_true", help="write the system turn into the conversations")
-    parser.add_argument("--limit", type=int, help="generate at most N conversations in this run")
-    parser.add_argument("--dedup-against", action="append", default=[], metavar="PATH",
-                        help="existing SFT data to near-deduplicate against (repeatable)")
-    parser.add_argument("--dedup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold (default 0.8)")
-    parser.add_argument("--no-dedup", action="store_true")
-    parser.add_argument("--min-chars", type=int, default=2)
-    parser.add_argument("--max-chars", type=int, default=8000)
-    parser.add_argument("--min-lang-ratio", type=float, default=0.6)
-    parser.add_argument("--allow-refusals", action="store_true")
-    parser.add_argument("--max-repetition", type=float, default=0.3)
-    parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
-    parser.add_argument("--no-progress", action="store_true")
-    add_backend_arguments(parser)
-
-
-def config_from_args(args) -> SynthConfig:
-    seeds, root = data_args(args.data)
-    return SynthConfig(
-        seeds=seeds, out=args.out, data_root=root, mode=args.mode, turns=args.turns, samples=args.samples,
-        lang=args.lang, prompt_fields=tuple(args.prompt_field or ("instruction", "prompt", "question")),
-        system=args.system, keep_system=args.keep_system, limit=args.limit,
-        filters=SynthFilterConfig(min_lang_ratio=args.min_lang_ratio, min_chars=args.min_chars,
-                                  max_chars=args.max_chars, refusals=not args.allow_refusals,
-                                  max_repetition=args.max_repetition),
-        dedup=None if args.no_dedup else DedupConfig(threshold=args.dedup_threshold),
-        dedup_against=list(args.dedup_against), gen=gen_params_from_args(args, 0.7),
-        teacher=args.teacher_model or args.model or args.endpoint, overwrite=args.overwrite,
-        progress=not args.no_progress)
-
-
-def run_synth(args) -> int:
-    from dhad.cli import CLIError
-    backend = None
-    try:
-        cfg = config_from_args(args)
-        resolve_sources(list(cfg.seeds), cfg.data_root)   # fail on a bad seed path before loading a model
-        backend = backend_from_args(args)
-        report = synth(cfg, backend)
-    except (TranslateError, BackendUnavailable, ValueError) as e:
-        raise CLIError(str(e)) from None
-    finally:
-        if backend is not None:
-            backend.close()
-    print(format_report(report))
-    return 0
