@@ -6,17 +6,19 @@ The model (dhad.model) runs plain PyTorch. Training swaps these in (each has the
 signature and, where no gradient is being computed, calls the plain one, so inference is untouched;
 the flags of `apply_training_kernels` name them: loss, rms_norm, rope, swiglu, attention):
 
-- `linear_cross_entropy` (Transformer.loss): the LM head + cross-entropy fused in chunks of tokens (Liger-Kernel's fused
-  linear cross-entropy): never the [tokens, vocab] fp32 logits; the gradient is made in the forward.
+- `linear_cross_entropy` (Transformer.loss): the LM head + cross-entropy fused in chunks of tokens
+  (Liger-Kernel's fused linear cross-entropy): never the [tokens, vocab] fp32 logits; the gradient is made
+  in the forward.
 - `rms_norm_train` (RMSNorm.norm): a hand-written backward, 5 passes over [tokens, dim] instead of ~12.
 - `rope_train` (Attention.rotate): output written in the layout attention reads, gradient in the projection's.
 - `swiglu_train` (MLP.act): the [gate | up] gradient written into one tensor.
 - `attend_train` (Attention.attend): CPU half-precision training at up to 512 tokens holds the probabilities
   (batched matmuls; PyTorch's CPU flash-attention backward costs ~7x its forward).
 
-The model's forward stays bit-identical to the plain one's in inference (the kernels call the plain
-functions there); in training `attend_train`'s materialised path and the fused loss equal the plain
-ones up to rounding order, and every gradient is checked against autograd's (tests/test_train_fused.py).
+Without a gradient the model's logits stay bit-identical to the plain model's (the kernels call the plain
+functions). With one, `rms_norm_train` and `swiglu_train` compute the plain forward bit for bit;
+`rope_train` rounds once per multiply-add, `attend_train`'s materialised path and the fused loss (also in
+evaluation) sum in another order; every gradient is checked against autograd's (tests/test_train_fused.py).
 Compiled graphs (torch.compile) fuse the plain formulas themselves: `rope_train` and `swiglu_train` step
 aside while tracing.
 """
