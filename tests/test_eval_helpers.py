@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import pytest
+
 
 def training_texts(data: Path, n: int = 600) -> list[str]:
     files = ["exams_ar/acegpt_exam_test.jsonl", "acva/difficulty-easy-TF_test.jsonl", "arc_easy/arc_easy_test.jsonl",
@@ -49,3 +51,16 @@ def build_tiny_llama(out_dir: Path, data: Path, *, hidden: int = 64, layers: int
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def offline(monkeypatch):
+    """Offline mode now, also when `datasets` / `huggingface_hub` were imported before (they read the
+    variables at import; otherwise each load waits out its network retries)."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
