@@ -15,6 +15,7 @@ import torch
 import transformers
 
 import dhad
+from dhad.train.kernels import apply_training_kernels
 
 
 def bench(model, ids, steps, dtype, hf):
@@ -49,7 +50,7 @@ def main():
     ref = transformers.LlamaForCausalLM(cfg).train()
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
-        ours = dhad.load_model(d).train()
+        ours = apply_training_kernels(dhad.load_model(d).train())  # what `dhad train` runs
     n = sum(p.numel() for p in ours.parameters())
     print(f"config: Llama {n / 1e6:.1f}M params, batch {a.batch} x seq {a.seq}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")

@@ -20,7 +20,8 @@ median: what the machine gives when no neighbour is busy. The first step's loss 
 show that they compute the same thing. Not a test: numbers depend on the machine and its load.
 
 What differs (the point of the comparison): dhad fuses q|k|v and gate|up into one matmul each, keeps
-RoPE in bf16 under autocast, computes the LM head + cross-entropy fused in chunks
+RoPE in bf16 under autocast, and with its training kernels (dhad.train.kernels.apply_training_kernels,
+as `dhad train` applies them) computes the LM head + cross-entropy fused in chunks
 (`Transformer.forward(ids, targets=...)`, no [tokens, vocab] fp32 logits), and on CPU attends with the
 probabilities held up to 512 tokens (batched matmuls instead of the CPU flash kernel's slow backward);
 transformers computes the standard way (full logits, then cross-entropy -- its own loss does the same --,
@@ -48,6 +49,7 @@ from torch import nn
 from dhad.config import Config
 from dhad.model import Transformer
 from dhad.train.distributed import DistEnv
+from dhad.train.kernels import apply_training_kernels
 from dhad.train.loop import train_step
 from dhad.train.metrics import measure_peak_flops
 from dhad.train.objectives import _ce_sum, get_objective
@@ -213,7 +215,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         from dhad.checkpoint import save_model
-        dh = Transformer(cfg).init_weights(0).to(dev)
+        dh = apply_training_kernels(Transformer(cfg).init_weights(0).to(dev))
         save_model(dh, tmp / "hf")
         from transformers import LlamaForCausalLM
         hf = LlamaForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32, attn_implementation="sdpa").to(dev)

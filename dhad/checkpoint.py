@@ -293,12 +293,16 @@ def _check_tokenizer_ids(model_dir: Path, config) -> None:
     check_config_ids(config, tok, where=str(model_dir))
 
 
-def load_into(model: Transformer, path: str | os.PathLike) -> Transformer:
-    """Fill an existing model's parameters from a checkpoint, tensor by tensor -- in particular a model
-    built on the meta device and sharded with FSDP2, then `to_empty`'d: each rank keeps only its
-    shard of each tensor (`dhad.model.assign_full`), so no rank ever holds the whole model.
+def load_into(model: Transformer, path: str | os.PathLike, assign=None) -> Transformer:
+    """Fill an existing model's parameters from a checkpoint, tensor by tensor, each put in place by
+    ``assign(param, full)`` (default: copy) -- in particular a model built on the meta device and
+    sharded with FSDP2, then `to_empty`'d: with `dhad.train.distributed.assign_full` each rank keeps
+    only its shard of each tensor, so no rank ever holds the whole model.
     The checkpoint's config must give the model's shapes (a mismatch names the tensor)."""
-    from dhad.model import assign_full
+    if assign is None:
+        def assign(p, t):
+            with torch.no_grad():
+                p.copy_(t)
     model_dir = resolve_model_dir(path)
     config = load_config(model_dir)
     params = dict(model.named_parameters())  # a tied lm_head is wte: listed once
@@ -306,7 +310,7 @@ def load_into(model: Transformer, path: str | os.PathLike) -> Transformer:
     expected.setdefault("lm_head.weight", expected["wte.weight"])
     for name, t in _read_tensors(model_dir, config, expected):
         if name in params:
-            assign_full(params[name], t)
+            assign(params[name], t)
     return model.reset_buffers()
 
 

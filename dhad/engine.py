@@ -243,12 +243,6 @@ class Engine(EngineFrontend):
                 groups.append([h])
         return groups
 
-    def _view(self, lo: int, hi: int):
-        """A KVCache over rows lo..hi-1 sharing storage with the engine's cache."""
-        c = self._cache
-        return type(c)(k=[t[lo:hi] for t in c.k], v=[t[lo:hi] for t in c.v], lengths=c.lengths[lo:hi].clone(),
-                       valid=c.valid[lo:hi], n_real=c.n_real[lo:hi])
-
     @torch.inference_mode()
     def _prefill(self, group: list[RequestHandle]):
         """Prefill a group of prompts (left-padded) straight into rows r0.. and take their first token."""
@@ -277,9 +271,7 @@ class Engine(EngineFrontend):
         self._cache.reset_rows(list(range(r0, r0 + m)))
         for i, s in enumerate(seqs):
             self._sampler.set_row(r0 + i, s.handle.params, s.handle.prompt_ids, s.stop_ids)
-        view = self._view(r0, r0 + m)
-        logits = self.model(ids, attention_mask=mask, cache=view, last_only=True)[:, -1]
-        self._cache.lengths[r0:r0 + m] = view.lengths
+        logits = self.model(ids, attention_mask=mask, cache=self._cache.rows(r0, r0 + m), keep=1)[:, -1]
         self._counters["prefill_tokens"] += sum(len(s.handle.prompt_ids) for s in seqs)
         rows = torch.arange(r0, r0 + m, device=self.device)
         toks = self._sampler(logits, rows)
@@ -301,16 +293,14 @@ class Engine(EngineFrontend):
         if n == 0:
             return
         ids = torch.tensor([[s.last] for s in self._rows], dtype=torch.long, device=self.device)
-        view = self._view(0, n)
         try:
-            logits = self.model(ids, cache=view, last_only=True)[:, -1]
+            logits = self.model(ids, cache=self._cache.rows(0, n), keep=1)[:, -1]
         except Exception as e:  # noqa: BLE001
             self._counters["errors"] += n
             for s in self._rows:
                 self._finish(s, "error", f"{type(e).__name__}: {e}")
             self._release(list(range(n)))
             return
-        self._cache.lengths[:n] = view.lengths
         self._counters["steps"] += 1
         toks = self._sampler(logits)
         self._sampler.observe(toks)

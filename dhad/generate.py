@@ -452,24 +452,22 @@ _COMPILE_BUCKET = 256  # compiled decode: cache lengths rounded up to this, so p
 def decode_step(model, compile: bool = False):
     """The function one decode step runs: ``(tokens [B, 1], cache) -> last-position logits [B, V]``.
 
-    ``compile=False``: the model's eager path, whose attention reads only the filled part of the cache.
-    ``compile=True``: the static-shape path (``static=True``: no host syncs, shapes fixed by the cache)
-    compiled once per model with ``fullgraph`` and ``dynamic=False`` -- one graph per (batch, cache
-    length), which is why `generate_ids` rounds cache lengths up to a bucket. If compilation fails
+    ``compile=False``: the model's eager path; with a dynamic cache, attention reads only its filled part.
+    ``compile=True``: compiled once per model with ``fullgraph`` and ``dynamic=False``, for a static
+    cache (``KVCache(static=True)``: no host syncs, shapes fixed by the cache) -- one graph per (batch,
+    cache length), which is why `generate_ids` rounds cache lengths up to a bucket. If compilation fails
     (no C++ compiler, an unsupported backend), a warning is printed and the eager path is used.
     """
     def eager(tokens, cache):
-        return model(tokens, cache=cache, last_only=True)[:, -1]
+        return model(tokens, cache=cache, keep=1)[:, -1]
 
     if not compile:
         return eager
     fn = model.__dict__.get("_dhad_compiled_decode")
     if fn is None:
-        def static(tokens, cache):
-            return model(tokens, cache=cache, last_only=True, static=True)[:, -1]
         # C++ wrapper on CPU: the generated code calls kernels without going back through Python.
         options = {"cpp_wrapper": True} if model.device.type == "cpu" else None
-        compiled = torch.compile(static, fullgraph=True, dynamic=False, options=options)
+        compiled = torch.compile(eager, fullgraph=True, dynamic=False, options=options)
         state = {"fn": compiled}
 
         def fn(tokens, cache):
@@ -537,7 +535,8 @@ def generate_ids(model, input_ids, params: SamplingParams | None = None, attenti
         max_len = min(-(-max_len // _COMPILE_BUCKET) * _COMPILE_BUCKET, cfg.block_size)  # T + limit <= block_size
     cache = KVCache.empty(cfg, B, max_len, dtype=model.dtype, device=dev)
     step_fn = decode_step(model, compile)
-    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
+    logits = model(ids, attention_mask=mask, cache=cache, keep=1)[:, -1]
+    cache.static = compile  # decode steps: shapes independent of the fill level (the compiled graph's)
     done = [False] * B
     for step in range(limit):
         nxt = sampler(logits)

@@ -235,8 +235,9 @@ def test_packed_and_unpacked_give_same_per_example_losses(bpe_dir, sft_data, tmp
             ss = ShardSet.open(tmp_path / str(packed), "train")
             rows = [ss.row(i) for i in range(ss.n_rows)]
             x, y, s = (torch.as_tensor(np.stack(a)) for a in zip(*(sft_row_to_example(*r) for r in rows)))
+            from dhad.model import segments  # packed rows: positions restart, attention stays within each example
             with torch.no_grad():
-                logits = model(x, segment_ids=s).float()
+                logits = model(x, **segments(s)).float()
             nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
                                                     reduction="none").view_as(y)
             per = {}

@@ -100,11 +100,11 @@ def test_static_decode_path_equals_dynamic(preset):
     mask[1, :4] = 0  # row 1 left-padded
     caches = [KVCache.empty(cfg, 2, 40) for _ in range(2)]
     with torch.inference_mode():
-        outs = [m(ids, attention_mask=mask, cache=c, last_only=True)[:, -1] for c in caches]
+        outs = [m(ids, attention_mask=mask, cache=c, keep=1)[:, -1] for c in caches]
+        caches[1].static = True
         for _ in range(12):
             nxt = outs[0].argmax(-1)[:, None]
-            outs = [m(nxt, cache=caches[0], last_only=True)[:, -1],
-                    m(nxt, cache=caches[1], last_only=True, static=True)[:, -1]]
+            outs = [m(nxt, cache=caches[0], keep=1)[:, -1], m(nxt, cache=caches[1], keep=1)[:, -1]]
             torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     assert torch.equal(caches[0].lengths, caches[1].lengths) and torch.equal(caches[0].n_real, caches[1].n_real)
 

@@ -10,7 +10,7 @@ import torch
 
 import dhad
 from dhad.config import NOMINAL_SIZES, PRESETS, Config
-from dhad.model import KVCache, Transformer, alibi_slopes
+from dhad.model import KVCache, Transformer, alibi_bias, alibi_slopes, segments
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,17 +150,17 @@ def test_segments_equal_separate_sequences():
         packed = torch.cat([x, y], 1)
         seg = torch.tensor([[0] * 7 + [1] * 5])
         with torch.no_grad():
-            got = model(packed, segment_ids=seg)
+            got = model(packed, **segments(seg))
             assert (got[:, :7] - model(x)).abs().max() < 1e-4
             assert (got[:, 7:] - model(y)).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("name", ["tiny-jais", "tiny-llama"])
-def test_hidden_states_explicit_bias_output_positions_and_prefix_cache(name):
-    """The scoring engine's model API, against plain forwards: an explicit attention bias equal to
-    the causal mask (plus ALiBi by position) changes nothing; output_positions returns exactly those
+def test_hidden_states_explicit_mask_keep_and_prefix_cache(name):
+    """The scoring engine's model API, against plain forwards: an explicit "may attend" mask equal to
+    the causal one, with positions continuing the prefix, changes nothing; keep returns exactly those
     rows of the full pass; a KVCache.from_prefix block seen by every row equals running prefix +
-    row as one sequence; and a [1, 0] output runs the block pass with no queries at all."""
+    row as one sequence; and a [1, 0] keep runs the block pass with no queries at all."""
     model = Transformer(Config.from_name(name)).init_weights(seed=2).eval()
     g = torch.Generator().manual_seed(0)
     R, S0, T = 3, 5, 6
@@ -170,22 +170,57 @@ def test_hidden_states_explicit_bias_output_positions_and_prefix_cache(name):
     with torch.no_grad():
         full = model.hidden_states(torch.cat([prefix.expand(R, S0), rows], 1))[:, S0:]  # reference
         block = KVCache.empty(model.config, 1, S0)
-        assert model.hidden_states(prefix, cache=block, output_positions=torch.empty(1, 0, dtype=torch.long)).shape == (1, 0, model.config.n_embd)
+        assert model.hidden_states(prefix, cache=block, keep=torch.empty(1, 0, dtype=torch.long)).shape == (1, 0, model.config.n_embd)
         pos = torch.arange(S0, S0 + T).expand(R, T)
         allowed = torch.cat([torch.ones(R, T, S0, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril().expand(R, T, T)], -1)
-        bias = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
-        if model.config.position == "alibi":
-            bias = bias + model.alibi_bias(pos, torch.arange(S0 + T).expand(R, S0 + T), None)
         cache = KVCache.from_prefix(block, R, S0 + T)
-        got = model.hidden_states(rows, position_ids=pos, cache=cache, attn_bias=bias, output_positions=out)
+        got = model.hidden_states(rows, positions=pos, mask=allowed, cache=cache, keep=out)
         want = full.gather(1, out[..., None].expand(R, 3, full.shape[-1]))
         assert (got - want).abs().max() < 1e-5
         assert cache.lengths.tolist() == [S0 + T] * R
-        # no cache, causal by default: output_positions only selects
+        # no cache, causal by default: keep only selects
         plain = model.hidden_states(rows)
-        sel = model.hidden_states(rows, output_positions=out)
+        sel = model.hidden_states(rows, keep=out)
         assert (sel - plain.gather(1, out[..., None].expand(R, 3, plain.shape[-1]))).abs().max() < 1e-5
         assert (model(rows) - model.lm_head(plain) * model.config.logits_scale).abs().max() < 1e-5
+        assert (model(rows, keep=2) - model(rows)[:, -2:]).abs().max() < 1e-5
+
+
+def test_alibi_bias_by_position_in_a_token_tree():
+    """A tree row (a trunk, then two branches at the positions that follow it) gives each branch the
+    outputs of its own sequence run alone: the branches' ALiBi distances are by position, not slot."""
+    model = Transformer(Config.from_name("tiny-jais")).init_weights(seed=3).eval()
+    g = torch.Generator().manual_seed(1)
+    trunk, a, b = (torch.randint(0, 512, (1, n), generator=g) for n in (4, 3, 5))
+    ids = torch.cat([trunk, a, b], 1)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8]])
+    br = torch.tensor([[0] * 4 + [1] * 3 + [2] * 5])
+    mask = (pos[:, None, :] <= pos[:, :, None]) & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None]))
+    with torch.no_grad():
+        got = model(ids, positions=pos, mask=mask)
+        for seq, cols in ((torch.cat([trunk, a], 1), list(range(7))), (torch.cat([trunk, b], 1), [0, 1, 2, 3] + list(range(7, 12)))):
+            assert (got[:, cols] - model(seq)).abs().max() < 1e-5
+    # the bias itself: -slope * |q - k| per head, by the positions given
+    s = alibi_slopes(4)[None]
+    assert torch.allclose(alibi_bias(s, pos[:, 7:8], pos[:, 3:4])[0, :, 0, 0], -s[0] * 1)
+
+
+def test_static_cache_and_rows_view():
+    """A cache's rows view writes into the cache's own storage (the engine's batch of running rows),
+    and a static cache (whole cache attended, scatter writes) decodes what a dynamic one does."""
+    cfg = Config.from_name("tiny-jais")
+    model = Transformer(cfg).init_weights(seed=4).eval()
+    ids = torch.randint(0, 512, (2, 5))
+    with torch.no_grad():
+        whole = KVCache.empty(cfg, 3, 16)
+        logits = model(ids, cache=whole.rows(1, 3), keep=1)
+        assert whole.lengths.tolist() == [0, 5, 5] and whole.n_real.tolist() == [0, 5, 5]
+        assert whole.valid[1:, :5].all() and not whole.valid[0].any()
+        alone = KVCache.empty(cfg, 2, 16, static=True)
+        assert torch.allclose(model(ids, cache=alone, keep=1), logits, atol=1e-5)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        assert torch.allclose(model(nxt, cache=alone)[:, -1], model(nxt, cache=whole.rows(1, 3))[:, -1], atol=1e-5)
+        assert torch.equal(alone.pos[:, :6], whole.pos[1:, :6])
 
 
 def test_alibi_slopes_match_bloom():
@@ -273,6 +308,26 @@ def test_config_from_hf_alibi_scaling_and_errors():
 
 
 def test_flops_per_token():
-    c = Config.from_name("allam-2-7b")
-    n = c.num_params(include_embeddings=False) + c.vocab_size * c.n_embd
-    assert c.flops_per_token(4096) == 6 * n + 12 * c.n_layer * c.n_embd * 4096
+    # ALLaM-2-7b by hand: per layer 4*4096^2 (attention) + 3*4096*11008 (MLP) + 2*4096 (norms) = 202,383,360;
+    # x 32 layers + 4096 (final norm) = 6,476,271,616; + LM head 64,000*4096 = 6,738,415,616 = N.
+    # 6N = 40,430,493,696; attention 12 * 32 layers * 4096 wide * 4096 tokens = 6,442,450,944.
+    assert Config.from_name("allam-2-7b").flops_per_token(4096) == 46_872_944_640
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-jais"])
+def test_flops_per_token_equals_counted_training_flops(preset):
+    """What torch's FLOP counter sees in one forward + backward of the real model equals flops_per_token
+    x tokens. Attention runs as SDPA's math decomposition (the counter does not see the CPU flash kernel);
+    the formula counts norm and bias parameters as if they were matrix weights (6N), 1.4% of tiny-jais'
+    N and negligible at real sizes, hence the tolerance."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    c = Config.from_name(preset)
+    model = Transformer(c).init_weights(seed=0)
+    B, T = 2, 32
+    ids = torch.randint(0, c.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(ids, targets=ids).backward()
+    expected = c.flops_per_token(T) * B * T
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.02)
+    assert counter.get_total_flops() <= expected

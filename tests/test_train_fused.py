@@ -1,5 +1,6 @@
-"""Training's fused paths equal the plain ones they replace. The LM head + cross-entropy fused in chunks
-(`Transformer.forward(ids, targets=...)`, used by the pretrain / adapt / SFT objectives) against full logits
+"""Training's kernels (dhad.train.kernels) equal the plain model functions they replace. The LM head +
+cross-entropy fused in chunks (`Transformer.forward(ids, targets=...)` after `apply_training_kernels`, used
+by the pretrain / adapt / SFT objectives) against full logits
 then `F.cross_entropy`, in value and in every parameter's gradient: tight in fp32, and under bf16 autocast as
 close to the fp32 truth as the plain bf16 path. Jais (tied head, muP logits scale) and Llama (untied)
 configs; ignored targets; several chunks and groups. RMSNorm's hand-written backward against autograd
@@ -13,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from dhad.config import Config
-from dhad.model import Transformer, linear_cross_entropy
+from dhad.model import Transformer, segments
+from dhad.train import kernels as K
+from dhad.train.kernels import apply_training_kernels, linear_cross_entropy
 
 
 def _plain(model, ids, targets):
@@ -24,6 +27,37 @@ def _plain(model, ids, targets):
 
 def _fused(model, ids, targets):
     return model(ids, targets=targets)
+
+
+def test_apply_training_kernels_swaps_by_flags_and_keeps_inference_bit_identical():
+    """The kernels go in by flag, the state dict is untouched, and without a gradient the model's
+    forward is the plain one's bit for bit (RoPE + RMSNorm + SwiGLU and ALiBi + LayerNorm)."""
+    for preset in ("tiny-llama", "tiny-jais"):
+        plain = Transformer(Config.from_name(preset)).init_weights(0)
+        fast = apply_training_kernels(Transformer(Config.from_name(preset)).init_weights(0), attention=False)
+        assert fast.loss is linear_cross_entropy and plain.loss is not linear_cross_entropy
+        assert all(b.attn.attend is plain.h[0].attn.attend and b.attn.rotate is K.rope_train for b in fast.h)
+        assert list(fast.state_dict()) == list(plain.state_dict())
+        ids = torch.randint(0, 512, (2, 33))
+        with torch.no_grad():
+            assert torch.equal(fast(ids), plain(ids))
+            torch.testing.assert_close(fast(ids, targets=ids), plain(ids, targets=ids))  # summation order
+        # training forward: through the hand-written Functions (RoPE's rounds once per multiply-add)
+        out = fast(ids)
+        torch.testing.assert_close(out, plain(ids), rtol=1e-5, atol=1e-5)
+        names = {type(f).__name__ for f in _graph(out.grad_fn)}
+        assert {"_RMSNormFnBackward", "_RopeBackward", "_SwiGLUBackward"} <= names if preset == "tiny-llama" \
+            else "_RopeBackward" not in names and "_SwiGLUBackward" in names
+
+
+def _graph(fn, seen=None):
+    """Every node of an autograd graph."""
+    seen = set() if seen is None else seen
+    if fn is not None and fn not in seen:
+        seen.add(fn)
+        for nxt, _ in fn.next_functions:
+            _graph(nxt, seen)
+    return seen
 
 
 def _loss_and_grads(model, fn, ids, targets, bf16):
@@ -37,7 +71,7 @@ def _loss_and_grads(model, fn, ids, targets, bf16):
 @pytest.mark.parametrize("preset", ["tiny-jais", "tiny-llama"])
 def test_fused_loss_equals_the_plain_path(preset):
     torch.manual_seed(0)
-    model = Transformer(Config.from_name(preset)).init_weights(0)
+    model = apply_training_kernels(Transformer(Config.from_name(preset)).init_weights(0))
     ids = torch.randint(0, model.config.vocab_size, (3, 200))
     targets = torch.randint(0, model.config.vocab_size, (3, 200))
     targets[0, :50] = -100  # e.g. SFT prompt tokens
@@ -93,6 +127,7 @@ def test_rmsnorm_backward_equals_autograd(bf16):
     from dhad.model import RMSNorm
     torch.manual_seed(0)
     norm = RMSNorm(48, 1e-5)
+    norm.norm = K.rms_norm_train
     with torch.no_grad():
         norm.weight.add_(0.3 * torch.randn(48))
     lin = torch.nn.Linear(48, 24)  # under autocast the norm's output feeds a Linear, as in the model
@@ -144,7 +179,7 @@ def _attention_grads(fn, q, k, v, go, dtype):
 
 @pytest.mark.parametrize("kind", ["causal", "alibi", "padding", "segments"])
 def test_materialized_attention_equals_sdpa(kind):
-    from dhad.model import _MaterializedAttention
+    from dhad.train.kernels import _MaterializedAttention
     q, k, v, go, mask = _attention_case(kind)
     scale = 0.3
 
@@ -166,30 +201,28 @@ def test_materialized_attention_equals_sdpa(kind):
 
 
 def test_attend_chooses_the_materialized_path_only_for_cpu_half_precision_training(monkeypatch):
-    from dhad import model as M
     q, k, v, _, mask = _attention_case("alibi")
     qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
-    assert type(M.attend(qb, kb, vb, None, True, 0.25).grad_fn).__name__ == "_MaterializedAttentionBackward"
-    assert type(M.attend(qb, kb, vb, mask, True, 0.25).grad_fn).__name__ == "_MaterializedAttentionBackward"
-    assert "Materialized" not in type(M.attend(*(t.float().requires_grad_() for t in (q, k, v)), None, True,
-                                               0.25).grad_fn).__name__  # fp32: the fused kernel is faster
+    assert type(K.attend_train(qb, kb, vb, None, True, 0.25).grad_fn).__name__ == "_MaterializedAttentionBackward"
+    assert type(K.attend_train(qb, kb, vb, mask, True, 0.25).grad_fn).__name__ == "_MaterializedAttentionBackward"
+    assert "Materialized" not in type(K.attend_train(*(t.float().requires_grad_() for t in (q, k, v)), None, True,
+                                                     0.25).grad_fn).__name__  # fp32: the fused kernel is faster
     with torch.no_grad():  # inference (and the KV-cache paths) keep scaled_dot_product_attention
-        torch.testing.assert_close(M.attend(qb, kb, vb, None, True, 0.25), F.scaled_dot_product_attention(
+        torch.testing.assert_close(K.attend_train(qb, kb, vb, None, True, 0.25), F.scaled_dot_product_attention(
             qb, kb, vb, is_causal=True, scale=0.25, enable_gqa=True), rtol=0, atol=0)
-    long = [torch.randn(1, 2, M.MATERIALIZE_MAX_LEN + 1, 8, dtype=torch.bfloat16, requires_grad=True)
+    long = [torch.randn(1, 2, K.MATERIALIZE_MAX_LEN + 1, 8, dtype=torch.bfloat16, requires_grad=True)
             for _ in range(3)]
-    assert "Materialized" not in type(M.attend(*long, None, True, 1.0).grad_fn).__name__
-    monkeypatch.setattr(M, "MATERIALIZE_MAX_SCORES", qb.shape[0] * qb.shape[1] * qb.shape[2] ** 2 - 1)
-    assert "Materialized" not in type(M.attend(qb, kb, vb, None, True, 0.25).grad_fn).__name__  # too big
+    assert "Materialized" not in type(K.attend_train(*long, None, True, 1.0).grad_fn).__name__
+    monkeypatch.setattr(K, "MATERIALIZE_MAX_SCORES", qb.shape[0] * qb.shape[1] * qb.shape[2] ** 2 - 1)
+    assert "Materialized" not in type(K.attend_train(qb, kb, vb, None, True, 0.25).grad_fn).__name__  # too big
 
 
 @pytest.mark.parametrize("preset", ["tiny-jais", "tiny-llama"])
 def test_model_training_step_same_with_either_attention(preset, monkeypatch):
     """A whole model under bf16 autocast (ALiBi + muP / RoPE + GQA): loss and every gradient agree
     between the materialized attention and scaled_dot_product_attention, packed segments included."""
-    from dhad import model as M
     torch.manual_seed(0)
-    model = Transformer(Config.from_name(preset)).init_weights(0)
+    model = apply_training_kernels(Transformer(Config.from_name(preset)).init_weights(0))
     ids = torch.randint(0, model.config.vocab_size, (2, 96))
     targets = torch.randint(0, model.config.vocab_size, (2, 96))
     seg = torch.zeros(2, 96, dtype=torch.long)
@@ -198,12 +231,12 @@ def test_model_training_step_same_with_either_attention(preset, monkeypatch):
     def run():
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(ids, targets=targets) + model(ids, segment_ids=seg, targets=targets)
+            loss = model(ids, targets=targets) + model(ids, **segments(seg), targets=targets)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss, grads = run()
-    monkeypatch.setattr(M, "MATERIALIZE_MAX_LEN", 0)
+    monkeypatch.setattr(K, "MATERIALIZE_MAX_LEN", 0)
     loss_ref, grads_ref = run()
     assert abs(float(loss - loss_ref)) <= 2e-3 * float(loss_ref)
     for name, g in grads.items():
@@ -211,7 +244,7 @@ def test_model_training_step_same_with_either_attention(preset, monkeypatch):
 
 
 def test_materialized_attention_under_torch_compile():
-    from dhad.model import attend
+    attend = K.attend_train
     q, k, v, go, _ = _attention_case("causal", T=24)
     eager = _attention_grads(lambda q, k, v: attend(q, k, v, None, True, 0.25), q, k, v, go, torch.bfloat16)
     compiled = torch.compile(lambda q, k, v: attend(q, k, v, None, True, 0.25), fullgraph=True)
@@ -221,7 +254,7 @@ def test_materialized_attention_under_torch_compile():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_backward_is_autograds_bit_for_bit(dtype):
-    from dhad.model import _SwiGLU
+    from dhad.train.kernels import _SwiGLU
     torch.manual_seed(0)
     h0, grad = torch.randn(3, 5, 16, dtype=dtype), torch.randn(3, 5, 8, dtype=dtype)
     h = h0.clone().requires_grad_()
@@ -239,7 +272,7 @@ def test_rope_training_path_equals_autograd_through_rotate_half():
     """apply_rope's training path (`_Rope`: three passes each way, output contiguous in [B, H, T, D])
     against autograd through the rotate-half formula, with different cos / sin halves so that a
     swapped half in the transposed rotation would show."""
-    from dhad.model import _Rope
+    from dhad.train.kernels import _Rope
 
     def reference(x, cos, sin):
         cos, sin = cos[:, None], sin[:, None]
@@ -257,3 +290,28 @@ def test_rope_training_path_equals_autograd_through_rotate_half():
         assert out.is_contiguous() and a.grad.stride() == b.grad.stride()
         torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=tol, atol=tol)
+
+
+def test_the_training_loop_runs_with_the_kernels(tmp_path):
+    """`dhad train` (dhad.train.loop.train) applies every training kernel to the model it trains."""
+    import numpy as np
+
+    from dhad.data.shards import ShardWriter
+    from dhad.train.loop import train
+    from dhad.train.recipe import parse_recipe
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation"):
+        with ShardWriter(tmp_path / "en", split, "pretrain", vocab_size=512, eos_token_id=0) as w:
+            for _ in range(20):
+                w.add(rng.integers(1, 512, 50).tolist(), source="en")
+    recipe = parse_recipe({"type": "pretrain", "name": "k", "model": {"preset": "tiny-llama"},
+                           "data": {"sources": {"en": str(tmp_path / "en")}},
+                           "stages": [{"name": "main", "tokens": 2 * 2 * 32, "mix": {"en": 1}}],
+                           "context": [{"seq_len": 32, "global_batch_size": 2}], "batch": {"micro_batch_size": 2},
+                           "optimizer": {"lr": 1e-3}, "eval_every": 0, "checkpoint_every": 0, "peak_flops": 1e11},
+                          source="test")
+    res = train(recipe, run_dir=tmp_path / "run", progress=False)
+    m = res.model
+    assert res.step == 2 and m.loss is linear_cross_entropy
+    assert all(b.attn.rotate is K.rope_train and b.attn.attend is K.attend_train and b.mlp.act is K.swiglu_train
+               and b.ln_1.norm is K.rms_norm_train for b in m.h)

@@ -25,8 +25,8 @@ log-softmax at every position. What dhad does instead, with the same numbers:
 - **shared blocks**: questions that start with the same long token run (a `first_n` few-shot
   block, an MMLU description) are batched together; the run is computed once into per-layer keys
   and values that every row of the batch attends to.
-The model side is `Transformer.hidden_states` with an explicit attention bias (the tree mask, plus
-ALiBi distances by position), ``output_positions`` (the last block at the scored slots only) and
+The model side is `Transformer.hidden_states` with the tree as its "may attend" mask and each
+token's position (ALiBi distances by position), ``keep`` (the last block at the scored slots only) and
 a `KVCache.from_prefix` holding the shared block; the LM-head reductions are here.
 """
 from __future__ import annotations
@@ -288,7 +288,7 @@ def _block_cache(model, block: list[int]) -> KVCache:
     dev = model.device
     cache = KVCache.empty(model.config, 1, len(block), dtype=model.dtype, device=dev)
     model.hidden_states(torch.tensor([block], device=dev), cache=cache,
-                        output_positions=torch.empty(1, 0, dtype=torch.long, device=dev))
+                        keep=torch.empty(1, 0, dtype=torch.long, device=dev))
     return cache
 
 
@@ -296,22 +296,15 @@ def _forward(model, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor,
              block: KVCache | None = None, key_len: torch.Tensor | None = None) -> torch.Tensor:
     """Final-norm hidden states [R, n, d] at the slots ``out`` [R, n] of rows ``ids`` [R, T] whose
     tokens sit at positions ``pos`` and see the tokens ``allowed`` [R, T, T] (query, key) says --
-    and, first, every token of the shared ``block`` cache. The tree pattern goes to the model as an
-    explicit attention bias (ALiBi distances by position, not slot); `Transformer.hidden_states`
-    runs the last block only at ``out``."""
-    c = model.config
+    and, first, every token of the shared ``block`` cache. The tree goes to the model as its
+    "may attend" mask (ALiBi distances are then by position); `Transformer.hidden_states` runs the
+    last block only at ``out``."""
     R, T = ids.shape
-    dev = ids.device
     S0 = int(block.lengths[0]) if block is not None else 0
     if S0:
         allowed = torch.cat([allowed.new_ones(R, T, S0), allowed], dim=-1)
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=dev).masked_fill_(
-        ~allowed, torch.finfo(model.dtype).min)[:, None]  # [R, 1, T, S0 + T]
-    if c.position == "alibi":
-        kpos = torch.cat([torch.arange(S0, device=dev)[None].expand(R, S0), pos], dim=-1)
-        bias = bias + model.alibi_bias(pos, kpos, key_len)
     cache = KVCache.from_prefix(block, R, S0 + T) if block is not None else None
-    return model.hidden_states(ids, position_ids=pos, cache=cache, attn_bias=bias, output_positions=out)
+    return model.hidden_states(ids, positions=pos, mask=allowed, cache=cache, keep=out, alibi_len=key_len)
 
 
 def _token_logprobs(model, hidden: torch.Tensor, entry: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

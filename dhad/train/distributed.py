@@ -66,6 +66,15 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local, dev, owns_group=True)
 
 
+def current_env(device="cpu") -> DistEnv:
+    """This process's place in the process group already started (by the loop or a test), with
+    ``device`` as its device; one process when there is none."""
+    device = torch.device(device)
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), device.index or 0, device)
+    return DistEnv(device=device)
+
+
 def resolve_strategy(strategy: str, env: DistEnv) -> str:
     if strategy == "auto":
         return "ddp" if env.distributed else "none"
@@ -91,6 +100,18 @@ def wrap_model(model: nn.Module, strategy: str, env: DistEnv, precision: str = "
         fully_shard(model, mp_policy=mp)
         return model
     raise ValueError(f"unknown distributed strategy {strategy!r}")
+
+
+def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) tensor into a parameter, which may be an FSDP2 shard (a DTensor):
+    each rank keeps its own slice of ``full`` (no communication), so a model built on the meta
+    device and sharded first never holds more than one full tensor at a time."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    full = full.to(device=param.device, dtype=param.dtype)
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    with torch.no_grad():
+        param.copy_(full)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -64,6 +64,7 @@ from dhad.train.checkpointing import (
     save_checkpoint,
     set_aside,
 )
+from dhad.train.kernels import apply_training_kernels
 from dhad.train.loader import Mixture
 from dhad.train.metrics import MetricsLogger, measure_peak_flops, truncate_after
 from dhad.train.objectives import Objective, get_objective
@@ -173,10 +174,10 @@ def materialize(model: Transformer, recipe: Recipe, device) -> None:
     each rank writing only its shards."""
     model.to_empty(device=device)
     if recipe.model.preset:
-        model.init_weights(recipe.seed)
+        model.init_weights(recipe.seed, assign=D.assign_full)
     else:
         from dhad.checkpoint import load_into
-        load_into(model, recipe.model.init_from)
+        load_into(model, recipe.model.init_from, assign=D.assign_full)
 
 
 def _tokenizer_path(recipe: Recipe) -> Path | None:
@@ -425,7 +426,7 @@ def _setup(recipe: Recipe, env: D.DistEnv, run_dir: Path, progress: bool) -> _Ru
     torch.manual_seed(recipe.seed)
     objective = get_objective(recipe.type, recipe.objective)
     objective.progress = progress  # an objective's own long passes (DPO's reference) show a bar only if asked
-    model = build_model(recipe)
+    model = apply_training_kernels(build_model(recipe))
     paths, tok_path, plan, mixture = _open_data(recipe, env, objective, model.config)
     stage = plan.at(0).stage
     set_trainable(model, recipe.stage_list[stage].trainable)

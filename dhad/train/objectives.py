@@ -17,8 +17,9 @@ metrics — and asks the objective only for:
                                             the whole global batch, so micro batches and processes with
                                             different counts still give the exact global mean.
                                             The LM objectives (pretrain, adapt, sft) ask the model for
-                                            the summed loss itself, `model(ids, targets=labels)`, so the
-                                            LM head and cross-entropy run fused and chunked.
+                                            the summed loss itself, `model(ids, targets=labels)`, so with
+                                            the training kernels (dhad.train.kernels) the LM head and
+                                            cross-entropy run fused and chunked.
     metrics()                             -> extra floats for the step record, called on every process at
                                             every logged step (it may all-reduce); e.g. DPO reward margins
     eval_metrics()                        -> extra floats after each evaluation (every process)
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from dhad.data.shards import ShardError, ShardSet, sft_row_to_example
+from dhad.model import segments
 from dhad.train.loader import DocStream, IndexStream, validation_windows
 
 OBJECTIVES: dict[str, type] = {}
@@ -112,8 +114,9 @@ class Objective:
 
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies in fp32 (targets -100 ignored), from materialised logits.
-    dhad's own model does not come here: `model(ids, targets=labels)` fuses the LM head with the
-    loss (dhad.model.linear_cross_entropy) and never builds the [B, T, vocab] logits."""
+    dhad's own model does not come here: `model(ids, targets=labels)` computes the loss inside its
+    forward, and with the training kernels (dhad.train.kernels.linear_cross_entropy) fuses the LM head
+    with it, never building the [B, T, vocab] logits."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
 
@@ -166,4 +169,4 @@ class InstructionTuning(Objective):
 
     def loss(self, model, batch):
         labels = batch["labels"]
-        return model(batch["input_ids"], segment_ids=batch["segment_ids"], targets=labels), (labels != -100).sum()
+        return model(batch["input_ids"], **segments(batch["segment_ids"]), targets=labels), (labels != -100).sum()

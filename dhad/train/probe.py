@@ -22,17 +22,19 @@ def _sync(device) -> None:
 def measure_train_tps(cfg, seq_len: int, batch: int, precision: str, device, steps: int = 2, warmup: int = 1,
                       seed: int = 0) -> float:
     """Training tokens/s of `batch` x `seq_len` tokens per step for a fresh model of `cfg` (dhad.config.Config);
-    `precision`: "fp32" or "bf16" (autocast over fp32 weights). The step is the trainer's: the model's
-    fused LM head + cross-entropy (`model(ids, targets=...)`, no [tokens, vocab] logits), the fused AdamW,
+    `precision`: "fp32" or "bf16" (autocast over fp32 weights). The step is the trainer's: the training kernels
+    (dhad.train.kernels) with the fused LM head + cross-entropy (`model(ids, targets=...)`, no [tokens, vocab]
+    logits), the fused AdamW,
     glibc's malloc tuned for training on CPU; a probe that skipped those would underestimate small
     models (whose time goes to the LM head) about twofold."""
     import torch
 
     from dhad.model import Transformer
+    from dhad.train.kernels import apply_training_kernels
     from dhad.utils import tune_malloc
     if device.type == "cpu":
         tune_malloc()
-    model = Transformer(cfg).init_weights(seed).to(device)
+    model = apply_training_kernels(Transformer(cfg).init_weights(seed).to(device))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
