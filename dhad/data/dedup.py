@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Hashable, Iterable
+from typing import Iterable
 
 import numpy as np
 
@@ -151,41 +150,42 @@ def bucket_values(text: str, cfg: DedupConfig) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
 
-def first_occurrence(pairs: Iterable[tuple[int, Hashable, Hashable]], exact_bucket: int | None) -> dict:
-    """Dedup decisions from bucket matches. ``pairs``: ``(bucket, a, b)`` — documents ``a`` and ``b`` hold
-    the same value in ``bucket`` (chains are enough: a-b, b-c). Documents are ordered as they sort (input
-    order). Returns ``{doc: "exact_duplicate" | "near_duplicate"}`` for the documents to drop: walking
-    the matched documents in order, one is dropped when an earlier kept document shares its exact-key
-    bucket (exact) or any other bucket (near), else kept — ``Deduplicator.check``'s rule, which never
-    compares with a dropped document."""
-    parent: dict = {}
+def first_occurrence(pairs: Iterable[tuple[int, int, int]], exact_bucket: int | None) -> dict[int, str]:
+    """Dedup decisions from bucket matches. ``pairs``: ``(bucket, a, b)`` — documents ``a`` and ``b`` (ints
+    numbering the documents in input order, e.g. ``task << 32 | index``) hold the same value in ``bucket``
+    (< 256; chains are enough: a-b, b-c). Returns ``{doc: "exact_duplicate" | "near_duplicate"}`` for the
+    documents to drop: walking the matched documents in order, one is dropped when an earlier kept document
+    shares its exact-key bucket (exact) or any other bucket (near), else kept — ``Deduplicator.check``'s
+    rule, which never compares with a dropped document. Memory: one dict entry per (document, bucket) with
+    a match — about 100 bytes each."""
+    parent: dict[int, int] = {}   # union-find over keys doc << 8 | bucket, one forest per bucket
 
-    def find(x):
+    def find(x: int) -> int:
         root = x
-        while parent.get(root, root) != root:
+        while parent[root] != root:
             root = parent[root]
         while x != root:   # path compression
             parent[x], x = root, parent[x]
         return root
 
-    members = set()
     for bucket, a, b in pairs:
-        ka, kb = (bucket, a), (bucket, b)
-        members.add(ka)
-        members.add(kb)
-        ra, rb = find(ka), find(kb)
+        ka, kb = a << 8 | bucket, b << 8 | bucket
+        ra, rb = find(parent.setdefault(ka, ka)), find(parent.setdefault(kb, kb))
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
-    groups = defaultdict(list)   # doc -> the (bucket, root) groups it belongs to
-    for key in members:
-        groups[key[1]].append(find(key))
     kept, drop = set(), {}
-    for doc in sorted(groups):
-        gs = groups[doc]
-        if exact_bucket is not None and any(g[0] == exact_bucket and g in kept for g in gs):
+    keys = sorted(parent)   # by document, then bucket
+    i = 0
+    while i < len(keys):
+        doc, j = keys[i] >> 8, i
+        while j < len(keys) and keys[j] >> 8 == doc:
+            j += 1
+        groups = [find(k) for k in keys[i:j]]
+        if exact_bucket is not None and any(g & 255 == exact_bucket and g in kept for g in groups):
             drop[doc] = "exact_duplicate"
-        elif any(g[0] != exact_bucket and g in kept for g in gs):
+        elif any(g & 255 != exact_bucket and g in kept for g in groups):
             drop[doc] = "near_duplicate"
         else:
-            kept.update(gs)
+            kept.update(groups)
+        i = j
     return drop

@@ -392,7 +392,7 @@ class FirstOccurrenceDedup(MinhashDedupCluster):
             bucket = int(Path(name).name.split("_")[0])
             with self.input_folder.open(name, "rb") as f:
                 for f1, d1, f2, d2 in read_tuples_from_file(f, "4I", lines_to_buffer=self.lines_to_buffer):
-                    yield bucket, (f1, d1), (f2, d2)
+                    yield bucket, f1 << 32 | d1, f2 << 32 | d2   # (task, index): input order
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1):
         _begin(self, self.quiet)
@@ -403,8 +403,8 @@ class FirstOccurrenceDedup(MinhashDedupCluster):
             for name in self.output_folder.list_files():   # a rerun replaces every file
                 self.output_folder.rm(name)
             per_task = defaultdict(list)
-            for (task, doc), why in drop.items():
-                per_task[task].append((doc, 1 if why == "exact_duplicate" else 2))
+            for node, why in drop.items():
+                per_task[node >> 32].append((node & 0xFFFFFFFF, 1 if why == "exact_duplicate" else 2))
                 self.stat_update(why)
             for task, items in sorted(per_task.items()):
                 items.sort()
