@@ -95,11 +95,12 @@ def default_tasks(cfg: PrepareConfig, n_inputs: int, n_bytes: int) -> int:
     return max(1, n_inputs)
 
 
-def bucket_tasks(cfg: PrepareConfig, n_buckets: int) -> int:
-    """Tasks of the bucket stage: locally one per worker (each does several buckets); elsewhere one per
-    bucket, times ``bucket_workers`` (datatrove's hash-range split of a bucket)."""
+def bucket_tasks(cfg: PrepareConfig, n_buckets: int, tasks: int) -> int:
+    """Tasks of the bucket stage: locally one per worker, at most one per first-stage task (each does
+    several buckets; a small run does not start a pool for them); elsewhere one per bucket, times
+    ``bucket_workers`` (datatrove's hash-range split of a bucket)."""
     if cfg.executor == "local" and cfg.bucket_workers <= 1:
-        return max(1, min(n_buckets, cfg.workers if cfg.workers > 0 else n_buckets))
+        return max(1, min(n_buckets, tasks, cfg.workers if cfg.workers > 0 else n_buckets))
     return n_buckets * max(1, cfg.bucket_workers)
 
 
@@ -233,7 +234,7 @@ def build_stages(cfg: PrepareConfig, p: Plan, logging_dir: str) -> list[Stage]:
         process.append(steps.MinhashSignature(f"{work}/sigs", cfg.dedup, quiet=quiet))
         stages = [
             Stage("buckets", [steps.DedupBuckets(f"{work}/sigs", f"{work}/dups", cfg.dedup, quiet=quiet)],
-                  bucket_tasks(cfg, n_buckets)),
+                  bucket_tasks(cfg, n_buckets, p.tasks)),
             Stage("dedup", [steps.FirstOccurrenceDedup(f"{work}/dups", f"{work}/dedup", cfg.dedup, quiet=quiet)], 1),
         ]
     stats_dirs = {s: f"{logging_dir}/{s}/stats" for s in ("process", *(st.name for st in stages))}
@@ -427,6 +428,10 @@ def format_report(report: dict) -> str:
     if report.get("mixture_missing_sources"):
         lines.append(f"weighted sources with no data: {', '.join(report['mixture_missing_sources'])}")
     lines.append("\nsplits: " + ", ".join(f"{k} {v:,} tokens" for k, v in report["splits"].items()))
+    if report.get("pipeline"):
+        pl = report["pipeline"]
+        lines.append(f"datatrove {pl['executor']} executor: {pl['tasks']} tasks reading the inputs; stages "
+                     + " -> ".join(pl["stages"]))
     return "\n".join(lines)
 
 

@@ -588,6 +588,8 @@ class MergeShards(PipelineStep):
             "tokenizer": {"path": str(tok["path"]), "hash": tok["hash"], "vocab_size": tok["vocab_size"],
                           "eos_token_id": tok["eos_token_id"]},
             "config": self.config,
+            "pipeline": {"executor": self.config.get("executor"), "tasks": self.n_ranks,
+                         "stages": [*self.stats_dirs, "merge"]},
             "datatrove": _datatrove_stats(self.stats_dirs),
         }
         _write_json_atomic(out / "report.json", report)
