@@ -44,6 +44,15 @@ def exact_key(text: str) -> bytes:
     return hashlib.sha1(_WS.sub(" ", text).strip().lower().encode("utf-8")).digest()
 
 
+def is_validation(key: bytes, seed: int, frac: float) -> bool:
+    """A document's split, from its exact key and the seed: duplicates can never sit on both sides, and
+    adding files never moves earlier documents between splits."""
+    if frac <= 0:
+        return False
+    h = hashlib.sha1(key + seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(h[:8], "little") / 2.0 ** 64 < frac
+
+
 _TEMPLATES: dict = {}
 
 

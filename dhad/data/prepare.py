@@ -41,6 +41,7 @@ from pathlib import Path
 
 from dhad.data.clean import CleanConfig
 from dhad.data.dedup import DedupConfig, bucket_layout
+from dhad.data.dedup import is_validation as _is_val  # noqa: F401  (sft and prefs split the same way)
 from dhad.data.filters import FilterConfig
 from dhad.data.mixture import CARD_MIXES, mixture_plan, parse_mix  # noqa: F401  (public names of this module)
 from dhad.data.readers import HubDisabled, NoInput, _is_hf_dataset, expand_inputs, is_url, splittable

@@ -51,7 +51,7 @@ from datatrove.utils.stats import PipelineStats, Stats
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from dhad.data.clean import CleanConfig, clean_text
-from dhad.data.dedup import DedupConfig, bucket_layout, bucket_values, exact_key, first_occurrence
+from dhad.data.dedup import DedupConfig, bucket_layout, bucket_values, exact_key, first_occurrence, is_validation
 from dhad.data.filters import FilterConfig, check
 from dhad.data.mixture import mixture_plan, select_docs
 from dhad.data.readers import NoInput, ReadStats, read_documents, split_long
@@ -61,16 +61,6 @@ from dhad.data.shards import ShardWriter, _write_json_atomic, token_dtype
 DOC = np.dtype([("tokens", "<i8"), ("source", "<u4"), ("val", "u1"), ("raw_chars", "<i8"), ("clean_chars", "<i8")])
 REASONS = {1: "exact_duplicate", 2: "near_duplicate"}
 COUNTED_STEPS = ("read", "clean", "filter")
-
-
-def is_validation(key: bytes, seed: int, frac: float) -> bool:
-    """A document's split, from its exact key and the seed: duplicates can never sit on both sides, and
-    adding files never moves earlier documents between splits."""
-    if frac <= 0:
-        return False
-    import hashlib
-    h = hashlib.sha1(key + seed.to_bytes(8, "little")).digest()
-    return int.from_bytes(h[:8], "little") / 2.0 ** 64 < frac
 
 
 def minhash_config(dedup: DedupConfig) -> MinhashConfig | None:
