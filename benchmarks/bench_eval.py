@@ -1,6 +1,7 @@
 """Examples/s of `dhad eval` vs lm-evaluation-harness's `hf` backend, same model, tasks, rows, run.
 
     .venv/bin/python benchmarks/bench_eval.py [--limit 100] [--threads 1] [--shots 0] [--tasks piqa,...]
+    .venv/bin/python benchmarks/bench_eval.py --tasks crows_pairs_english,crows_pairs_french,arc_ar,truthfulqa_ar_mc1,truthfulqa_ar_mc2,m_mmlu_ar
 
 Builds a random Llama in transformers' format (the tokenizer a byte-level BPE trained on the eval
 rows), then evaluates each task both ways: lm-eval through `simple_evaluate(model="hf")` with the
@@ -30,7 +31,17 @@ CASES = [
     ("exams_ar", "aexams/aexams_Social.yaml", "Social", {"test": "test", "dev": "dev"}, "test", "dev", 5),
     ("acva", "arabic_leaderboard_complete/arabic_leaderboard_avca/arabic_leaderboard_acva_Egypt_modern.yaml",
      "Egypt_modern", {"test": "test", "validation": "dev"}, "test", "validation", 5),
+    # issue 18's log-likelihood tasks: CrowS-Pairs (empty context, whole sentences) and Okapi's Arabic sets
+    ("crows_pairs_english", "crows_pairs/crows_pairs_english.yaml", None, {"test": "test"}, "test", None, 0),
+    ("crows_pairs_french", "crows_pairs/crows_pairs_french.yaml", None, {"test": "test"}, "test", None, 0),
+    ("arc_ar", "okapi/arc_multilingual/arc_ar.yaml", None, {"test": "test", "train": "train"}, "test", "train", 5),
+    ("truthfulqa_ar_mc1", "okapi/truthfulqa_multilingual/truthfulqa_ar_mc1.yaml", None, {"test": "validation"},
+     "test", None, 0),
+    ("truthfulqa_ar_mc2", "okapi/truthfulqa_multilingual/truthfulqa_ar_mc2.yaml", None, {"test": "validation"},
+     "test", None, 0),
+    ("m_mmlu_ar", "okapi/mmlu_multilingual/m_mmlu_ar.yaml", None, {"test": "val", "train": "dev"}, "test", "train", 5),
 ]
+DEFAULT_TASKS = ["hellaswag", "arc_easy", "piqa", "exams_ar", "acva"]
 
 
 def data_root() -> Path:
@@ -109,7 +120,12 @@ def run_lm_eval(model_dir, case, data, limit, batch_size):
                                   task_manager=TaskManager(include_defaults=False), bootstrap_iters=0, verbosity="ERROR")
     dt = time.perf_counter() - t0
     r = out["results"][f"bench_{case[0]}"]
-    return dt, {m: r.get(f"{m},none") for m in ("acc", "acc_norm")}
+    return dt, {m: r.get(f"{m},none") for m in _metrics(case)}
+
+
+def _metrics(case) -> tuple[str, ...]:
+    from dhad.evaluate import tasks as T
+    return T.get_task(case[0]).metrics
 
 
 def run_dhad(model_dir, case, data, limit, max_rows, batch_tokens):
@@ -130,7 +146,7 @@ def run_dhad(model_dir, case, data, limit, max_rows, batch_tokens):
                           max_rows=max_rows, batch_tokens=batch_tokens)
     dt = time.perf_counter() - t0
     e = res["tasks"][task.name]
-    return dt, {m: e.get(m) for m in ("acc", "acc_norm")}, e["n"]
+    return dt, {m: e.get(m) for m in _metrics(case)}, e["n"]
 
 
 def main() -> int:
@@ -141,7 +157,8 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=32, help="dhad rows per pass = lm-eval batch size")
     ap.add_argument("--batch-tokens", type=int, default=32768)
-    ap.add_argument("--tasks", default=",".join(c[0] for c in CASES))
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                    help=f"default {','.join(DEFAULT_TASKS)}; also: {', '.join(c[0] for c in CASES if c[0] not in DEFAULT_TASKS)}")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--shots", type=int, default=None, help="the same shot count for every task (default: per task)")
     args = ap.parse_args()
@@ -156,6 +173,7 @@ def main() -> int:
     import dhad.checkpoint
     import dhad.evaluate.runner
     import dhad.tokenizer  # noqa: F401
+    from dhad.evaluate import tasks as T
     data = data_root()
     if not (data / "eval").is_dir():
         print(f"needs the eval data at {data} (set DHAD_DATA_DIR)", file=sys.stderr)
@@ -166,7 +184,7 @@ def main() -> int:
         model_dir = build_model(Path(tmp), data, args.hidden, args.layers, args.vocab)
         print(f"model: random Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}; "
               f"limit={args.limit}; torch threads={torch.get_num_threads()}")
-        print(f"{'task':10s} {'shots':>5s} {'n':>4s} | {'lm-eval bs=1':>12s} {'lm-eval bs=' + str(args.rows):>13s} "
+        print(f"{'task':19s} {'shots':>5s} {'n':>4s} | {'lm-eval bs=1':>12s} {'lm-eval bs=' + str(args.rows):>13s} "
               f"{'dhad':>8s} (examples/s) | ratio | acc / acc_norm identical")
         # one untimed run of each side first (limit 2): lazy imports and first-call set-up
         # (torch._dynamo on the meta device, datasets / jinja / transformers modules) are then
@@ -175,17 +193,21 @@ def main() -> int:
         run_dhad(model_dir, warm, data, 2, args.rows, args.batch_tokens)
         run_lm_eval(model_dir, warm, data, 2, 1)
         for case in (c for c in CASES if c[0] in wanted):
-            if args.shots is not None:
+            if args.shots is not None and T.get_task(case[0]).max_shots is None:  # not the fixed 0-shot tasks
                 case = (*case[:6], args.shots)
             d_t, d_acc, n = run_dhad(model_dir, case, data, args.limit, args.rows, args.batch_tokens)
             l1_t, l1_acc = run_lm_eval(model_dir, case, data, args.limit, 1)
             lb_t, lb_acc = run_lm_eval(model_dir, case, data, args.limit, args.rows)
-            same = all(abs((d_acc[m] or 0) - (x[m] or 0)) < 1e-9 for x in (l1_acc, lb_acc) for m in d_acc
-                       if x[m] is not None)
+            # accuracies identical; continuous metrics (CrowS-Pairs' likelihood_diff, TruthfulQA mc2's
+            # probability mass) to 1e-4: they move with the log-likelihoods' float rounding (~1e-5)
+            cont = {"likelihood_diff"} | ({"acc"} if T.get_task(case[0]).mc2_labels else set())
+            same = all(abs((d_acc[m] or 0) - (x[m] or 0)) < (1e-4 if m in cont else 1e-9)
+                       for x in (l1_acc, lb_acc) for m in d_acc if x[m] is not None)
             ok &= same
             best = min(l1_t, lb_t)
-            print(f"{case[0]:10s} {case[6]:5d} {n:4d} | {n / l1_t:12.2f} {n / lb_t:13.2f} {n / d_t:8.2f}              "
-                  f"| {best / d_t:5.2f}x | {same} ({d_acc['acc']:.3f} / {d_acc['acc_norm'] if d_acc['acc_norm'] is not None else float('nan'):.3f})")
+            shown = " / ".join(f"{d_acc[m]:.3f}" for m in d_acc if d_acc[m] is not None)
+            print(f"{case[0]:19s} {case[6]:5d} {n:4d} | {n / l1_t:12.2f} {n / lb_t:13.2f} {n / d_t:8.2f}              "
+                  f"| {best / d_t:5.2f}x | {same} ({shown}: {' / '.join(m for m in d_acc if d_acc[m] is not None)})")
     return 0 if ok else 1
 
 

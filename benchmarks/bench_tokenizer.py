@@ -5,6 +5,12 @@ Same data, same vocabulary size, same thread count, same run; prints each measur
 table of every tokenizer built here (dhad BPE, SentencePiece, an English-only base and that base
 extended with the dhad BPE's Arabic tokens).
 
+"encode paths" compares what `Tokenizer.encode` runs now (the backend transformers would build) with
+the call dhad made before it followed transformers, on the same text in the same run: the raw
+`tokenizers` call for a tokenizer.json, `SentencePieceProcessor.encode` for a tokenizer.model (now
+converted to a `tokenizers` BPE), and the real Llama-2-style tokenizer.json read as is by `tokenizers`
+(now rebuilt with transformers' Llama pre-tokenizer).
+
     .venv/bin/python benchmarks/bench_tokenizer.py [--chars 4e6] [--vocab-size 16000] [--threads 2]
 """
 from __future__ import annotations
@@ -33,6 +39,50 @@ def corpus(root: Path, lang: str, max_chars: int, skip: int = 0) -> list[str]:
                 out.append(t)
             n += len(t)
     return out
+
+
+def _best_pair(before, after, reps: int = 5) -> tuple[float, float]:
+    """Best time of each, the two run alternately (so load from other jobs hits both alike)."""
+    tb = ta = float("inf")
+    for _ in range(reps):
+        for fn, which in ((before, 0), (after, 1)):
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if which == 0:
+                tb = min(tb, dt)
+            else:
+                ta = min(ta, dt)
+    return tb, ta
+
+
+def encode_paths(bpe, sp, texts: list[str], one: list[str], args) -> None:
+    """Same-run ratio of each encode path: before (what dhad called) / after (`Tokenizer.encode`)."""
+    from tokenizers import Tokenizer as HF
+
+    from dhad.tokenizer import load_tokenizer
+
+    rows = [
+        ("dhad BPE, batch", lambda: [e.ids for e in bpe.backend.encode_batch_fast(texts, add_special_tokens=False)],
+         lambda: bpe.encode_batch(texts)),
+        ("dhad BPE, one by one", lambda: [bpe.backend.encode(t, add_special_tokens=False).ids for t in one],
+         lambda: [bpe.encode(t) for t in one]),
+        ("SentencePiece .model, batch", lambda: sp.sp_model.encode(texts, num_threads=args.threads),
+         lambda: sp.encode_batch(texts)),
+        ("SentencePiece .model, one by one", lambda: [sp.sp_model.encode(t) for t in one],
+         lambda: [sp.encode(t) for t in one]),
+    ]
+    real = REPO.parent / "shared" / "fixtures" / "tokenizers" / "llama2-style"
+    if real.is_dir():
+        raw, ours = HF.from_file(str(real / "tokenizer.json")), load_tokenizer(real)
+        rows += [("llama2-style tokenizer.json, batch", lambda: [e.ids for e in raw.encode_batch_fast(texts, add_special_tokens=False)],
+                  lambda: ours.encode_batch(texts)),
+                 ("llama2-style tokenizer.json, one by one", lambda: [raw.encode(t, add_special_tokens=False).ids for t in one],
+                  lambda: [ours.encode(t) for t in one])]
+    print("\nencode paths (best of 5, alternating)   before s   after s   speed after/before")
+    for name, before, after in rows:
+        b, a = _best_pair(before, after)
+        print(f"  {name:<38} {b:8.3f}  {a:8.3f}   {b / a:5.2f}x")
 
 
 def main() -> int:
@@ -82,7 +132,7 @@ def main() -> int:
     bpe.encode_batch(ev_texts)
     e_bpe = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sp.backend.encode(ev_texts, num_threads=args.threads)
+    sp.sp_model.encode(ev_texts, num_threads=args.threads)
     e_sp = time.perf_counter() - t0
     print(f"encode dhad BPE {mb / e_bpe:7.2f} MB/s | sentencepiece {mb / e_sp:7.2f} MB/s | "
           f"throughput ratio dhad/sp {e_sp / e_bpe:.2f}x  ({mb:.1f} MB held-out en+ar)")
@@ -95,10 +145,12 @@ def main() -> int:
     e1_bpe = time.perf_counter() - t0
     t0 = time.perf_counter()
     for t in one:
-        sp.encode(t)
+        sp.sp_model.encode(t)
     e1_sp = time.perf_counter() - t0
     print(f"encode one-by-one: dhad BPE {mb1 / e1_bpe:6.2f} MB/s | sentencepiece {mb1 / e1_sp:6.2f} MB/s | "
           f"ratio {e1_sp / e1_bpe:.2f}x")
+
+    encode_paths(bpe, sp, ev_texts, one, args)
 
     base = train_bpe(en, args.vocab_size // 2)
     ext, rep = extend_tokenizer(base, bpe, args.vocab_size // 2)

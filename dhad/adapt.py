@@ -328,9 +328,9 @@ def adapt_init(base: str | Path, tokenizer: str | Path, out: str | Path, donor: 
                        seed=seed, pad_to_multiple_of=pad_to_multiple_of, center_head=center_head)
     out = Path(out)
     dhad.save_model(model, out, tokenizer=ext_tok, dtype=dtype)
-    from dhad.tokenizer import _atomic_write
+    from dhad.utils import atomic_write_bytes
 
-    _atomic_write(out / "adapt_report.json", (json.dumps(rep.as_dict(), indent=2) + "\n").encode())
+    atomic_write_bytes(out / "adapt_report.json", (json.dumps(rep.as_dict(), indent=2) + "\n").encode())
     return rep
 
 

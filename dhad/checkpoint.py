@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Iterator
 
 import torch
@@ -119,34 +119,67 @@ def _ignored(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Reading
 
+def _read_index(model_dir: Path, index: Path) -> dict[str, Path]:
+    """tensor name -> shard file of a sharded checkpoint's index. Shard names must stay inside the
+    model folder: no absolute paths, no `..` (a symlink inside the folder is followed, as in the Hugging
+    Face cache, whose snapshot files link to its blobs)."""
+    try:
+        wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(wm, dict):
+        raise CheckpointError(f"{index}: weight_map is not a mapping of tensor names to shard files")
+    where, shards = {}, {}
+    for k, v in wm.items():
+        if v not in shards:
+            if not isinstance(v, str) or not v:
+                raise CheckpointError(f"{index}: shard file name for {k!r} is not a file name: {v!r}")
+            posix, win = PurePosixPath(v.replace("\\", "/")), PureWindowsPath(v)
+            if posix.is_absolute() or win.is_absolute() or win.drive or ".." in posix.parts:
+                raise CheckpointError(f"{index}: shard {v!r} (for {k!r}) points outside the model folder "
+                                      f"{model_dir}; an index may only name files inside it")
+            shards[v] = model_dir / posix
+        where[k] = shards[v]
+    return where
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files that hold a model directory's weights: the shards its index names (each
+    must exist), model.safetensors, or every *.safetensors. CheckpointError when there are none: a
+    folder of pickles is refused by name."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(_read_index(model_dir, index).values()))
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard(s) named by the index are missing: {missing}")
+        return files
+    if (model_dir / "model.safetensors").exists():
+        return [model_dir / "model.safetensors"]
+    others = sorted(model_dir.glob("*.safetensors"))
+    if others:
+        return others
+    pickles = [n for n in PICKLE_NAMES if (model_dir / n).exists()] + [p.name for p in model_dir.glob("*.bin")]
+    if pickles:
+        raise CheckpointError(
+            f"{model_dir} holds only pickle checkpoints ({', '.join(sorted(set(pickles)))}); dhad refuses to "
+            "load pickles (they can run arbitrary code). Convert them to safetensors on a trusted machine.")
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
 class _TensorSource:
     """All tensors of a single-file or sharded safetensors checkpoint, opened lazily."""
 
     def __init__(self, model_dir: Path):
         self.dir = model_dir
         index = model_dir / "model.safetensors.index.json"
-        single = model_dir / "model.safetensors"
         if index.exists():
-            try:
-                wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            self.where = {k: model_dir / v for k, v in wm.items()}
-        elif single.exists():
-            self.where = {k: single for k in self._keys(single)}
+            self.where = _read_index(model_dir, index)
         else:
-            others = sorted(p.name for p in model_dir.glob("*.safetensors"))
-            if others:
-                self.where = {}
-                for f in others:
-                    self.where.update({k: model_dir / f for k in self._keys(model_dir / f)})
-            else:
-                pickles = [n for n in PICKLE_NAMES if (model_dir / n).exists()] + [p.name for p in model_dir.glob("*.bin")]
-                if pickles:
-                    raise CheckpointError(
-                        f"{model_dir} holds only pickle checkpoints ({', '.join(sorted(set(pickles)))}); dhad refuses to "
-                        "load pickles (they can run arbitrary code). Convert them to safetensors on a trusted machine.")
-                raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+            self.where = {}
+            for f in weight_files(model_dir):
+                self.where.update({k: f for k in self._keys(f)})
         self._handles: dict[Path, object] = {}
 
     @staticmethod
@@ -208,6 +241,10 @@ def _read_tensors(model_dir: Path, config, expected: dict[str, tuple]) -> Iterat
     try:
         for name, hf_names, to_dhad, _ in _key_map(config):
             parts = [src.get(n) for n in hf_names]
+            for n, x in zip(hf_names, parts):
+                if not x.is_floating_point():
+                    raise CheckpointError(f"{src.where[n]}: tensor {n!r} has dtype {x.dtype}; model weights "
+                                          "must be floating point (float32, bfloat16, float16)")
             t = to_dhad(parts)
             want = expected[name]
             if tuple(t.shape) != want:
@@ -240,7 +277,20 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     model.reset_buffers()  # the non-persistent buffers are still on the meta device
+    _check_tokenizer_ids(model_dir, config)
     return model.eval()
+
+
+def _check_tokenizer_ids(model_dir: Path, config) -> None:
+    """Warn once when config.json's bos/eos/pad ids disagree with the directory's tokenizer."""
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return
+    from dhad.tokenizer import TokenizerError, check_config_ids, load_tokenizer
+    try:
+        tok = load_tokenizer(model_dir)
+    except TokenizerError:
+        return  # a broken tokenizer is reported where it is used
+    check_config_ids(config, tok, where=str(model_dir))
 
 
 def load_into(model: Transformer, path: str | os.PathLike) -> Transformer:
@@ -319,9 +369,15 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, d
                            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = str(to_dtype(dtype) if dtype else model.dtype).replace("torch.", "")
-    _atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, ensure_ascii=False))
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
            "pad_token_id": model.config.pad_token_id}
+    if tokenizer is not None:  # the special ids the tokenizer (and the shards it made) use win
+        from dhad.tokenizer import load_tokenizer, special_ids_of
+        tok = tokenizer if hasattr(tokenizer, "save") else load_tokenizer(tokenizer)
+        ids = {k: v for k, v in special_ids_of(tok).items() if v is not None}
+        cfg.update(ids)
+        gen.update(ids)
+    _atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, ensure_ascii=False))
     gen.update(generation_config or {})
     _atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2))
     if tokenizer is not None:

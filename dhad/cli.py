@@ -20,10 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("dhad.tokenizer_cli", "train / stats / extend tokenizers"),
     "adapt": ("dhad.adapt_cli", "vocabulary adaptation of a model (resize + projected init)"),
     "data": ("dhad.data.cli", "prepare pretraining shards, SFT and preference data, translate, synth"),
-    "train": ("dhad.train.cli", "train from a YAML recipe (pretrain, adapt, sft, dpo)"),
-    "plot": ("dhad.train.plot", "plot a run's metrics (loss, lr, throughput) to PNG"),
+    "train": ("dhad.commands.train", "train from a YAML recipe (pretrain, adapt, sft, dpo)"),
+    "plot": ("dhad.commands.plot", "plot a run's metrics (loss, lr, throughput) to PNG"),
     "eval": ("dhad.evaluate.cli", "log-likelihood benchmarks and MT-bench judging"),
-    "speedrun": ("dhad.speedrun", "build, evaluate and serve a small bilingual chat model end to end"),
+    "speedrun": ("dhad.speedrun.cli", "build, evaluate and serve a small bilingual chat model end to end"),
 }
 
 

@@ -15,9 +15,90 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+_NO = object()
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a model: names the field (dhad's name, or the config.json
+    key it came from), the problem and the bad value."""
+
+    def __init__(self, problem: str, field: str | None = None, value: Any = _NO, source: str | None = None):
+        self.problem, self.field, self.value, self.source = problem, field, value, source
+        where = source or "config"
+        if field:
+            where = f"{where}: {field}" if source else f"{where}.{field}"
+        super().__init__(f"{where}: {problem}" + ("" if value is _NO else f", got {value!r}"))
+
+    def renamed(self, field: str | None = None, source: str | None = None) -> "ConfigError":
+        return ConfigError(self.problem, field or self.field, self.value, source or self.source)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy integers too
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_scaling(field: str, v) -> None:
+    if v is None:
+        return
+    if not isinstance(v, dict):
+        raise ConfigError("must be a mapping like {type: linear, factor: 2.0} or null", field, v)
+    for k in ("factor", "train_seq_len"):
+        if k in v and not (_is_num(v[k]) and v[k] > 0):
+            raise ConfigError("must be a positive number", f"{field}.{k}", v[k])
+
+
+POS_INT, POS_NUM, NUM, BOOL, MAPPING = ("must be a positive integer", "must be a positive number",
+                                        "must be a finite number", "must be true or false", "must be a mapping")
+
+
+def _pos_int(v) -> bool:
+    return _is_int(v) and v >= 1
+
+
+def _pos_num(v) -> bool:
+    return _is_num(v) and v > 0
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_dict(v) -> bool:
+    return isinstance(v, dict)
+
+
+def _hf(d: dict, key: str, ok, problem: str, default: Any = _NO):
+    """config.json's `key`, checked; a missing (or null) key takes `default`, or is an error without one."""
+    v = d.get(key)
+    if v is None:
+        if default is _NO:
+            raise ConfigError("missing (required)", key)
+        return default
+    if not ok(v):
+        raise ConfigError(problem, key, v)
+    return v
+
+
+def _build(cls, hf_names: dict, kw: dict) -> "Config":
+    """cls(**kw); a field's error names the config.json key it came from."""
+    try:
+        return cls(**kw)
+    except ConfigError as e:
+        raise e.renamed(field=hf_names.get(e.field, e.field)) from None
+
 
 JAIS_VOCAB = 84992
 ADAPTED_VOCAB = 64000  # Llama-2's 32,000 + 32,000 Arabic tokens
@@ -33,7 +114,10 @@ class Config:
     n_embd: int = 64
     n_head: int = 4
     n_kv_head: int | None = None  # None -> n_head (MHA)
-    n_inner: int | None = None  # None -> 4 * n_embd (GELU) / Jais rule for swiglu
+    # None -> 4 * n_embd, for every MLP kind: what the Jais (GPT-2) code reads from a config.json
+    # without n_inner. The presets give it explicitly (the published sizes: 8/3 * n_embd rounded up to
+    # a multiple of 16 for most of the Jais family, Llama's 11008 = 8/3 * 4096 rounded up to 256).
+    n_inner: int | None = None
     block_size: int = 2048  # maximum context (n_positions / max_position_embeddings)
     norm: str = "layernorm"
     norm_eps: float = 1e-5
@@ -63,18 +147,48 @@ class Config:
     name: str | None = None
 
     def __post_init__(self):
+        """Check every field's type and range (a ConfigError names the field and the value), then fill
+        the derived defaults."""
+        def need(f, ok, problem, optional=False, to=None):
+            v = getattr(self, f)
+            if v is None and optional:
+                return
+            if not ok(v):
+                raise ConfigError(problem + (" (or null)" if optional else ""), f, v)
+            if to is not None:
+                setattr(self, f, to(v))
+
+        for f in ("vocab_size", "n_layer", "n_embd", "n_head", "block_size"):
+            need(f, _pos_int, POS_INT, to=int)
+        for f in ("n_kv_head", "n_inner"):
+            need(f, _pos_int, POS_INT, optional=True, to=int)
+        for f in ("norm_eps", "rope_theta"):
+            need(f, _pos_num, POS_NUM, to=float)
+        for f in ("embedding_scale", "logits_scale", "attn_scale_power", "initializer_range"):
+            need(f, _is_num, NUM, to=float)
+        for f in ("mup_width_scale", "mup_output_alpha"):
+            need(f, _pos_num, POS_NUM, optional=True, to=float)
+        for f in ("bias", "tie_embeddings"):
+            need(f, _is_bool, BOOL)
+        for f in ("bos_token_id", "pad_token_id"):
+            need(f, lambda v: _is_int(v) and v >= 0, "must be a token id (an integer >= 0)", optional=True)
+        need("eos_token_id", lambda v: (_is_int(v) and v >= 0) or (isinstance(v, list) and v and all(
+            _is_int(x) and x >= 0 for x in v)), "must be a token id or a list of token ids", optional=True)
+        for f, allowed in (("norm", ("layernorm", "rmsnorm")), ("position", ("alibi", "rope", "learned")),
+                           ("mlp", ("swiglu_jais", "gated", "gelu")), ("jais_key_style", ("mup", "legacy")),
+                           ("hf_layout", ("jais", "llama", None))):
+            need(f, lambda v: v in allowed, f"must be one of {list(allowed)}")
+        need("name", _is_str, "must be a string", optional=True)
+        _check_scaling("rope_scaling", self.rope_scaling)
+        _check_scaling("alibi_scaling", self.alibi_scaling)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_inner is None:
             self.n_inner = 4 * self.n_embd
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+            raise ConfigError(f"must be divisible by n_head ({self.n_head})", "n_embd", self.n_embd)
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
-        for attr, allowed in (("norm", ("layernorm", "rmsnorm")), ("position", ("alibi", "rope", "learned")),
-                              ("mlp", ("swiglu_jais", "gated", "gelu"))):
-            if getattr(self, attr) not in allowed:
-                raise ValueError(f"config.{attr} must be one of {allowed}, got {getattr(self, attr)!r}")
+            raise ConfigError(f"must be divisible by n_kv_head ({self.n_kv_head})", "n_head", self.n_head)
         if self.hf_layout is None:
             self.hf_layout = "llama" if (self.position == "rope" and self.mlp == "gated") else "jais"
 
@@ -124,6 +238,8 @@ class Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":
+        """The Config of a config.json (a model directory or the file). A file that cannot describe a
+        model raises ConfigError naming the file, the key and the bad value."""
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
@@ -131,51 +247,65 @@ class Config:
             d = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"no config.json at {p}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p} is not valid JSON: {e}") from None
-        if "model_type" in d or "architectures" in d:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"not valid JSON ({e})", source=str(p)) from None
+        try:
+            if isinstance(d, dict) and "model_type" not in d and "architectures" not in d and "hf_layout" in d:
+                unknown = sorted(set(d) - {f.name for f in fields(cls)})
+                if unknown:  # a Config.to_dict() dump: every key is a field
+                    raise ConfigError(f"unknown key(s) {unknown} in a dhad config")
+                return cls(**d)
             return cls.from_hf(d)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        except ConfigError as e:
+            raise e.renamed(source=str(p)) from None
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "Config":
         """Build a Config from a Hugging Face config.json dict (Jais or Llama layout)."""
-        mt = d.get("model_type") or ""
-        arch = (d.get("architectures") or [""])[0]
-        if mt == "jais" or arch.startswith("JAIS"):
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a JSON object, got {type(d).__name__}")
+        mt = _hf(d, "model_type", lambda v: isinstance(v, str), "must be a string", None)
+        arch = _hf(d, "architectures", lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v),
+                   "must be a list of class names", None) or [""]
+        if mt == "jais" or (not mt and arch[0].startswith("JAIS")):
             return cls._from_jais(d)
-        if mt in ("llama", "mistral") or arch.startswith("Llama"):
+        if mt in ("llama", "mistral") or (not mt and arch[0].startswith("Llama")):
             return cls._from_llama(d)
-        raise ValueError(f"unsupported model_type {mt!r} (architectures {d.get('architectures')}); "
-                         "dhad reads Jais (model_type 'jais') and Llama (model_type 'llama') checkpoints")
+        if not mt and not arch[0]:
+            raise ConfigError("missing; dhad reads Jais (model_type 'jais') and Llama (model_type 'llama') "
+                              "checkpoints", "model_type")
+        raise ConfigError(f"unsupported model_type {mt!r} (architectures {d.get('architectures')}); dhad reads "
+                          "Jais (model_type 'jais') and Llama (model_type 'llama') checkpoints")
 
     @classmethod
     def _from_jais(cls, d):
-        act = d.get("activation_function", "gelu_new")
-        pos = d.get("position_embedding_type", "learned")
+        act = _hf(d, "activation_function", _is_str, "must be a string", "gelu_new")
+        pos = _hf(d, "position_embedding_type", _is_str, "must be a string", "learned")
         if pos not in ("alibi", "learned"):
-            raise ValueError(f"unsupported Jais position_embedding_type {pos!r}")
-        mlp = "swiglu_jais" if act == "swiglu" else "gelu"
+            raise ConfigError("unsupported (dhad reads 'alibi' and 'learned')", "position_embedding_type", pos)
         if act not in ("swiglu", "gelu_new", "gelu", "gelu_pytorch_tanh"):
-            raise ValueError(f"unsupported Jais activation_function {act!r}")
-        n_embd = d["n_embd"]
-        n_inner = d.get("n_inner") or 4 * n_embd
+            raise ConfigError("unsupported (dhad reads swiglu and the gelu variants)", "activation_function", act)
+        mlp = "swiglu_jais" if act == "swiglu" else "gelu"
+        n_embd = _hf(d, "n_embd", _pos_int, POS_INT)
+        n_inner = _hf(d, "n_inner", _pos_int, POS_INT, None) or 4 * n_embd
         if "mup_width_scale" in d or "mup_embeddings_scale" in d or "mup_output_alpha" in d:
             style = "mup"
-            width = float(d.get("mup_width_scale", 1.0))
-            alpha = float(d.get("mup_output_alpha", 1.0))
-            emb = float(d.get("mup_embeddings_scale", 1.0))
+            width = _hf(d, "mup_width_scale", _pos_num, POS_NUM, 1.0)
+            alpha = _hf(d, "mup_output_alpha", _pos_num, POS_NUM, 1.0)
+            emb = _hf(d, "mup_embeddings_scale", _is_num, NUM, 1.0)
             logits_scale = alpha * width
-            qk_by_d = bool(d.get("mup_scale_qk_dot_by_d", False))
+            qk_by_d = _hf(d, "mup_scale_qk_dot_by_d", _is_bool, BOOL, False)
         else:
             style = "legacy"
             width, alpha = None, None
-            emb = float(d.get("embeddings_scale", 1.0))
-            logits_scale = float(d.get("width_scale", 1.0))  # the whole logits scale in the old spelling
-            qk_by_d = bool(d.get("scale_qk_dot_by_d", False))
-        return cls(
-            vocab_size=d["vocab_size"], n_layer=d["n_layer"], n_embd=n_embd, n_head=d["n_head"],
+            emb = _hf(d, "embeddings_scale", _is_num, NUM, 1.0)
+            logits_scale = _hf(d, "width_scale", _is_num, NUM, 1.0)  # the whole logits scale in the old spelling
+            qk_by_d = _hf(d, "scale_qk_dot_by_d", _is_bool, BOOL, False)
+        hf_names = {"block_size": "n_positions", "norm_eps": "layer_norm_epsilon", "tie_embeddings": "tie_word_embeddings",
+                    "embedding_scale": "mup_embeddings_scale" if style == "mup" else "embeddings_scale"}
+        return _build(cls, hf_names, dict(
+            vocab_size=_hf(d, "vocab_size", _pos_int, POS_INT), n_layer=_hf(d, "n_layer", _pos_int, POS_INT),
+            n_embd=n_embd, n_head=_hf(d, "n_head", _pos_int, POS_INT),
             n_inner=n_inner, block_size=d.get("n_positions", 2048), norm="layernorm",
             norm_eps=d.get("layer_norm_epsilon", 1e-5), position=pos, alibi_scaling=d.get("alibi_scaling"),
             mlp=mlp, bias=True, tie_embeddings=d.get("tie_word_embeddings", True),
@@ -183,38 +313,51 @@ class Config:
             hf_layout="jais", bos_token_id=d.get("bos_token_id", 0), eos_token_id=d.get("eos_token_id", 0),
             pad_token_id=d.get("pad_token_id", 0), mup_width_scale=width, mup_output_alpha=alpha,
             jais_key_style=style, initializer_range=d.get("initializer_range", 0.02),
-        )
+        ))
 
     @classmethod
     def _from_llama(cls, d):
-        act = d.get("hidden_act", "silu")
+        act = _hf(d, "hidden_act", _is_str, "must be a string", "silu")
         if act != "silu":
-            raise ValueError(f"unsupported Llama hidden_act {act!r}")
+            raise ConfigError("unsupported (dhad reads silu)", "hidden_act", act)
         # transformers >= 5 writes `rope_parameters` (rope_type, factor, rope_theta); older files `rope_scaling`
-        rp = d.get("rope_parameters") or {}
-        rs = d.get("rope_scaling") or ({k: v for k, v in rp.items() if k != "rope_theta"} if rp else None)
+        rp = _hf(d, "rope_parameters", _is_dict, MAPPING, None) or {}
+        rs = _hf(d, "rope_scaling", _is_dict, MAPPING, None) or (
+            {k: v for k, v in rp.items() if k != "rope_theta"} if rp else None)
         if rs and rs.get("rope_type", rs.get("type")) == "default":
             rs = None
+        factor = None
         if rs:
             kind = rs.get("rope_type", rs.get("type"))
             if kind not in ("linear", "default"):
-                raise ValueError(f"unsupported rope_scaling type {kind!r} (dhad supports 'linear')")
-        n_embd, n_head = d["hidden_size"], d["num_attention_heads"]
+                raise ConfigError("unsupported type (dhad supports 'linear')", "rope_scaling", kind)
+            factor = _hf(rs, "factor", _pos_num, POS_NUM)
+        n_embd, n_head = _hf(d, "hidden_size", _pos_int, POS_INT), _hf(d, "num_attention_heads", _pos_int, POS_INT)
+        if n_embd % n_head:
+            raise ConfigError(f"must be divisible by num_attention_heads ({n_head})", "hidden_size", n_embd)
+        n_kv = _hf(d, "num_key_value_heads", _pos_int, POS_INT, n_head)
+        if n_head % n_kv:
+            raise ConfigError(f"must be divisible by num_key_value_heads ({n_kv})", "num_attention_heads", n_head)
         if d.get("head_dim") not in (None, n_embd // n_head):
-            raise ValueError("head_dim != hidden_size / num_attention_heads is not supported")
+            raise ConfigError(f"!= hidden_size / num_attention_heads ({n_embd // n_head}) is not supported",
+                              "head_dim", d.get("head_dim"))
         theta = d.get("rope_theta")
         if theta is None:
             theta = rp.get("rope_theta", 10000.0)
-        return cls(
-            vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_embd=n_embd, n_head=n_head,
-            n_kv_head=d.get("num_key_value_heads") or n_head, n_inner=d["intermediate_size"],
+        hf_names = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers", "n_kv_head": "num_key_value_heads",
+                    "n_inner": "intermediate_size", "block_size": "max_position_embeddings", "norm_eps": "rms_norm_eps",
+                    "rope_theta": "rope_theta", "bias": "attention_bias", "tie_embeddings": "tie_word_embeddings"}
+        return _build(cls, hf_names, dict(
+            vocab_size=_hf(d, "vocab_size", _pos_int, POS_INT), n_layer=_hf(d, "num_hidden_layers", _pos_int, POS_INT),
+            n_embd=n_embd, n_head=n_head, n_kv_head=n_kv,
+            n_inner=_hf(d, "intermediate_size", _pos_int, POS_INT),
             block_size=d.get("max_position_embeddings", 4096), norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-5),
-            position="rope", rope_theta=float(theta),
-            rope_scaling={"rope_type": "linear", "factor": float(rs["factor"])} if rs else None,
-            mlp="gated", bias=bool(d.get("attention_bias", False)), tie_embeddings=d.get("tie_word_embeddings", False),
+            position="rope", rope_theta=theta,
+            rope_scaling={"rope_type": "linear", "factor": float(factor)} if rs else None,
+            mlp="gated", bias=d.get("attention_bias", False), tie_embeddings=d.get("tie_word_embeddings", False),
             hf_layout="llama", bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2),
             pad_token_id=d.get("pad_token_id"), initializer_range=d.get("initializer_range", 0.02),
-        )
+        ))
 
     def to_hf(self) -> dict[str, Any]:
         """The Hugging Face config.json dict for this model (Jais or Llama layout)."""

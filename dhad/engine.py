@@ -37,174 +37,21 @@ Design choices (nanochat `engine.py` / gpt-fast):
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import itertools
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from dhad.engine_api import (Completion, EngineClosed, EngineError, EngineFrontend, QueueFull, RequestError,
+                             RequestHandle, StreamEvent)
 from dhad.generate import SamplingParams, Sampler, StopMatcher, StreamDecoder, eos_ids_of
 
 __all__ = ["Engine", "RequestHandle", "StreamEvent", "Completion", "EngineError", "QueueFull", "RequestError",
            "EngineClosed", "make_engine"]
-
-
-class EngineError(RuntimeError):
-    """Base class of engine errors."""
-
-
-class QueueFull(EngineError):
-    """All rows busy and the wait queue is full: retry later (HTTP 429 / 503)."""
-
-
-class RequestError(EngineError, ValueError):
-    """The request cannot be served as asked (HTTP 400): the message names the problem."""
-
-
-class EngineClosed(EngineError):
-    """The engine is shutting down or stopped and takes no new requests (HTTP 503)."""
-
-
-@dataclass
-class StreamEvent:
-    request_id: str
-    text: str = ""                 # new text since the previous event (complete UTF-8)
-    token_ids: list[int] = field(default_factory=list)  # new token ids
-    finished: bool = False
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0     # so far
-    error: str | None = None
-
-    @property
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-@dataclass
-class Completion:
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-    ttft_s: float | None = None    # time from submit to the first token
-    latency_s: float | None = None
-
-    @property
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-class RequestHandle:
-    """One request's results. Iterate (sync or async) for StreamEvents; every iterator sees all
-    events from the start. `cancel()` is safe from any thread."""
-
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, engine: "Engine"):
-        self.id = request_id
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self._engine = engine
-        self._lock = threading.Lock()
-        self._history: list[StreamEvent] = []
-        self._sinks: list = []
-        self._done = threading.Event()
-        self.cancelled = False
-        self.text = ""
-        self.token_ids: list[int] = []
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-        self.submitted_at = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Ask the engine to stop this request; it finishes with finish_reason "cancelled"."""
-        if not self.done:
-            self.cancelled = True
-            self._engine._wake()
-
-    # called by the engine thread only
-    def _emit(self, ev: StreamEvent) -> None:
-        with self._lock:
-            self.text += ev.text
-            self.token_ids.extend(ev.token_ids)
-            if ev.token_ids and self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-            if ev.finished:
-                self.finish_reason, self.error = ev.finish_reason, ev.error
-                self.finished_at = time.perf_counter()
-            self._history.append(ev)
-            sinks = list(self._sinks)
-        for kind, target in sinks:
-            if kind == "sync":
-                target.put(ev)
-            else:
-                loop, q = target
-                try:
-                    loop.call_soon_threadsafe(q.put_nowait, ev)
-                except RuntimeError:  # the consumer's event loop is closed
-                    pass
-        if ev.finished:
-            self._done.set()
-
-    def __iter__(self):
-        q: queue.Queue = queue.Queue()
-        with self._lock:
-            for ev in self._history:
-                q.put(ev)
-            self._sinks.append(("sync", q))
-        try:
-            while True:
-                ev = q.get()
-                yield ev
-                if ev.finished:
-                    return
-        finally:
-            with self._lock:
-                self._sinks = [s for s in self._sinks if s[1] is not q]
-
-    async def __aiter__(self):
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            for ev in self._history:
-                q.put_nowait(ev)
-            sink = ("async", (loop, q))
-            self._sinks.append(sink)
-        try:
-            while True:
-                ev = await q.get()
-                yield ev
-                if ev.finished:
-                    return
-        finally:
-            with self._lock:
-                self._sinks = [s for s in self._sinks if s is not sink]
-            if not self.done:  # the consumer went away (client disconnected): free the row
-                self.cancel()
-
-    def result(self, timeout: float | None = None) -> Completion:
-        """Wait for the end and return the whole answer (TimeoutError if not done in time)."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} not finished after {timeout}s")
-        return Completion(self.id, self.text, list(self.token_ids), self.finish_reason, len(self.prompt_ids),
-                          len(self.token_ids), self.error,
-                          ttft_s=None if self.first_token_at is None else self.first_token_at - self.submitted_at,
-                          latency_s=self.finished_at - self.submitted_at)
 
 
 @dataclass
@@ -216,72 +63,6 @@ class _Seq:
     matcher: StopMatcher
     last: int = 0                   # last token (input of the next decode step)
     n_gen: int = 0
-
-
-class EngineFrontend:
-    """What the native and the vLLM engine share: request validation and the calls built on their
-    ``start`` / ``submit`` / ``shutdown`` / ``_thread``. Needs the attributes ``default_params``,
-    ``tokenizer``, ``vocab_size``, ``max_seq_len`` and ``max_new_tokens_limit``."""
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.shutdown(wait=False)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    async def stream(self, prompt_ids, params: SamplingParams | None = None, **kwargs):
-        """Submit and yield StreamEvents; closing the iterator early cancels the request."""
-        h = self.submit(prompt_ids, params, **kwargs)
-        async for ev in h:
-            yield ev
-
-    def generate(self, prompt_ids, params: SamplingParams | None = None, timeout: float | None = None,
-                 **kwargs) -> Completion:
-        """Blocking convenience: submit and wait for the result."""
-        return self.submit(prompt_ids, params, **kwargs).result(timeout)
-
-    def _prepare(self, prompt_ids, params: SamplingParams | None, kwargs: dict) -> tuple[list[int], SamplingParams]:
-        """Token ids and parameters of a request, or RequestError naming what is wrong with it."""
-        try:
-            params = SamplingParams.from_kwargs(params or self.default_params, **kwargs) if kwargs else \
-                (params or self.default_params)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-        if isinstance(prompt_ids, str):
-            if self.tokenizer is None:
-                raise RequestError("a text prompt needs an engine with a tokenizer; pass token ids")
-            prompt_ids = self.tokenizer.encode(prompt_ids)
-        if torch.is_tensor(prompt_ids):
-            prompt_ids = prompt_ids.flatten().tolist()
-        prompt_ids = [int(i) for i in prompt_ids]
-        if not prompt_ids:
-            raise RequestError("empty prompt: at least one token is needed")
-        V = self.vocab_size
-        bad = next((i for i in prompt_ids if not 0 <= i < V), None) if V else None
-        if bad is not None:
-            raise RequestError(f"prompt token id {bad} is outside the vocabulary (0..{V - 1})")
-        if len(prompt_ids) >= self.max_seq_len:
-            raise RequestError(f"prompt of {len(prompt_ids)} tokens is longer than the context: at most "
-                               f"{self.max_seq_len - 1} tokens leave room for an answer")
-        if params.max_new_tokens is not None and params.max_new_tokens > self.max_new_tokens_limit:
-            raise RequestError(f"max_new_tokens={params.max_new_tokens} is above this server's limit "
-                               f"of {self.max_new_tokens_limit}")
-        if params.stop_strings and self.tokenizer is None:
-            raise RequestError("stop strings need an engine with a tokenizer")
-        return prompt_ids, params
-
-    def _limit(self, n_prompt: int, params: SamplingParams) -> int:
-        """New tokens a request may have: its own limits, the server's and the context's."""
-        limit = min(self.max_seq_len - n_prompt, self.max_new_tokens_limit)
-        if params.max_new_tokens is not None:
-            limit = min(limit, params.max_new_tokens)
-        if params.max_length is not None:
-            limit = min(limit, params.max_length - n_prompt)
-        return max(limit, 0)
 
 
 class Engine(EngineFrontend):
@@ -331,7 +112,7 @@ class Engine(EngineFrontend):
             self._cache = KVCache.empty(self.config, self.max_batch_size, self.max_seq_len,
                                         dtype=self.model.dtype, device=self.device)
             self._sampler = Sampler(self.max_batch_size, self.config.vocab_size, self.device)
-            self._thread = threading.Thread(target=self._run, name="dhad-engine", daemon=True)
+            self._thread = threading.Thread(target=self._serve, name="dhad-engine", daemon=True)
             self._started_at = time.perf_counter()
             self._thread.start()
         return self
@@ -344,7 +125,7 @@ class Engine(EngineFrontend):
         h = RequestHandle(rid, prompt_ids, params, self)
         with self._cv:
             if self._closing:
-                raise EngineClosed("engine is shutting down; not accepting requests")
+                raise self._closed_error()
             if self._thread is None:
                 raise EngineClosed("engine not started (call start())")
             free = self.max_batch_size - len(self._rows) - self._admitting
@@ -358,20 +139,20 @@ class Engine(EngineFrontend):
         return h
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop taking requests; with ``wait`` finish queued and running ones, else cancel them."""
+        """Stop taking requests and join the worker thread; with ``wait`` finish queued and running
+        requests first, else cancel them (within one decode step). EngineError if the thread is still
+        running after ``timeout`` seconds."""
         with self._cv:
             self._closing = True
             if not wait:
                 self._abort = True
             self._cv.notify_all()
-            t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout)
+        self._join(timeout)
 
     def stats(self) -> dict:
         with self._cv:
             return {
-                "running": self.running, "closing": self._closing,
+                "running": self.running, "closing": self._closing, "error": self.error,
                 "active": len(self._rows), "queued": len(self._pending),
                 "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
                 "max_new_tokens_limit": self.max_new_tokens_limit, "max_seq_len": self.max_seq_len,
@@ -388,32 +169,26 @@ class Engine(EngineFrontend):
         with self._cv:
             self._cv.notify_all()
 
-    def _run(self):
-        try:
-            while True:
-                with self._cv:
-                    while not self._pending and not self._rows and not self._closing and not self._any_cancelled():
-                        self._cv.wait()
-                    if self._abort:
-                        pending, self._pending = list(self._pending), collections.deque()
-                    else:
-                        pending = []
-                    if self._closing and not self._pending and not self._rows and not pending:
-                        return
-                for h in pending:
-                    self._finish_unstarted(h, "cancelled")
-                if self._abort:
-                    for r in range(len(self._rows) - 1, -1, -1):
-                        self._rows[r].handle.cancelled = True
-                self._admit()
-                if self._rows:
-                    self._step()
-        except BaseException as e:  # never leave clients waiting forever
-            self._fail_all(f"engine stopped: {type(e).__name__}: {e}")
-            raise
-        finally:
+    def _loop(self):
+        """The worker thread (run by `EngineFrontend._serve`, which handles a failure)."""
+        while True:
             with self._cv:
-                self._closing = True
+                while not self._pending and not self._rows and not self._closing and not self._any_cancelled():
+                    self._cv.wait()
+                if self._abort:
+                    pending, self._pending = list(self._pending), collections.deque()
+                else:
+                    pending = []
+                if self._closing and not self._pending and not self._rows and not pending:
+                    return
+            for h in pending:
+                self._finish_unstarted(h, "cancelled")
+            if self._abort:
+                for r in range(len(self._rows) - 1, -1, -1):
+                    self._rows[r].handle.cancelled = True
+            self._admit()
+            if self._rows:
+                self._step()
 
     def _any_cancelled(self) -> bool:
         return any(s.handle.cancelled for s in self._rows) or any(h.cancelled for h in self._pending)

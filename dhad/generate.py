@@ -200,8 +200,18 @@ def apply_top_p(logits: torch.Tensor, top_p) -> torch.Tensor:
     return logits.masked_fill(remove, -float("inf"))
 
 
+_F32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32: the floor of temperature and penalty
+_F32_MAX = torch.finfo(torch.float32).max
+
+
 class Sampler:
     """Per-row sampling state of a batch of up to ``batch_size`` sequences.
+
+    Parameters are sanitised so probabilities stay finite for every value `SamplingParams` accepts
+    (finite, positive temperature and penalty): values below float32's smallest normal number are
+    raised to it, a penalty that overflows a logit is clamped to float32's largest, and a
+    temperature that overflows one is applied after shifting the row (see `warp`). Values that do
+    not overflow are processed exactly as transformers does.
 
     Rows are set with `set_row` (parameters, prompt, EOS ids, generator), fed every chosen token
     with `observe`, and `__call__(logits)` picks the next token of rows 0..n-1.
@@ -240,8 +250,9 @@ class Sampler:
         stop = [i for i in stop_ids if 0 <= i < self.V]
         if stop:
             self.stop_mask[r, torch.tensor(stop, device=self.device)] = True
-        self.penalty[r] = float(params.repetition_penalty)
-        self.temperature[r] = float(params.temperature) if params.do_sample else 1.0
+        # Floors: a value that rounds to 0 in float32 (5e-324, 1e-300) would divide by zero.
+        self.penalty[r] = max(float(params.repetition_penalty), _F32_TINY)
+        self.temperature[r] = max(float(params.temperature), _F32_TINY) if params.do_sample else 1.0
         self.top_k[r] = int(params.top_k)
         self.top_p[r] = float(params.top_p)
         self.min_new[r] = int(params.min_new_tokens)
@@ -293,6 +304,8 @@ class Sampler:
         logits = logits.float()
         if any(self._pen[i] for i in idx):  # rows with penalty 1 are left unchanged by it
             logits = apply_repetition_penalty(logits, self._sel(self.seen, rows, n), self._sel(self.penalty, rows, n))
+            # a tiny penalty (1e-40) divides a positive logit past float32's range: keep it finite
+            logits = logits.clamp(max=_F32_MAX)
         if any(self._minlen[i] for i in idx):
             n_gen = self._sel(self.n_gen, rows, n)
             block = (n_gen < self._sel(self.min_new, rows, n)) | \
@@ -304,7 +317,15 @@ class Sampler:
         """Sampling-only warpers for ``rows``: temperature, top-k, top-p."""
         t = self.temperature[rows]
         if bool((t != 1).any()):
-            logits = logits / t[:, None]
+            scaled = logits / t[:, None]
+            if bool(torch.isposinf(scaled).any()):
+                # A temperature so small that the division overflows (1e-40) would give softmax inf - inf = nan.
+                # Softmax ignores a shift, so those rows are divided after subtracting their maximum: the best
+                # token stays at 0 and the others go to -inf -- greedy, the limit of temperature -> 0.
+                over = torch.isposinf(scaled).any(dim=-1, keepdim=True)
+                shifted = (logits - logits.amax(dim=-1, keepdim=True)) / t[:, None]
+                scaled = torch.where(over, shifted, scaled)
+            logits = scaled
         logits = apply_top_k(logits, self.top_k[rows])
         return apply_top_p(logits, self.top_p[rows])
 
@@ -550,9 +571,10 @@ def generate_text(model, tokenizer, prompt_or_messages, fmt=None, params: Sampli
     from dhad import prompts
 
     params = SamplingParams.from_kwargs(params, **kwargs) if kwargs else (params or SamplingParams())
-    if isinstance(prompt_or_messages, str):
-        text = prompt_or_messages
-    else:
+    if isinstance(prompt_or_messages, str):  # a raw prompt: BOS where the tokenizer adds one
+        text, add_special = prompt_or_messages, True
+    else:  # a rendered chat carries its special tokens as text (apply_chat_template adds none)
+        add_special = False
         if fmt is None:
             fmt = default_format(model, tokenizer)
         fmt = prompts.get_format(fmt) if not isinstance(fmt, prompts.ChatFormat) else fmt
@@ -560,7 +582,7 @@ def generate_text(model, tokenizer, prompt_or_messages, fmt=None, params: Sampli
         extra = tuple(s for s in fmt.stop_strings if s not in params.stop_strings)
         if extra:
             params = dataclasses.replace(params, stop_strings=params.stop_strings + extra)
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text, add_special_tokens=add_special)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     new = generate_ids(model, [ids], params, tokenizer=tokenizer, compile=compile)[0]

@@ -3,6 +3,7 @@
   dhad tokenizer train --input arabic=DIR --input english=DIR --weight arabic=1 --vocab-size 32000 --out tok/
   dhad tokenizer stats tok/ jais=other_tok/ --input arabic=DIR --input english=DIR --plot fertility.png
   dhad tokenizer extend BASE DONOR --add 32000 --out extended/ [--by frequency --corpus arabic=DIR]
+  dhad tokenizer extend BASE --learn-from arabic=DIR --add 16000 --out extended/   (donor learned on DIR)
 
 Without --input, the corpora are `<data>/corpus/arabic` and `<data>/corpus/english` (`--data`,
 default $DHAD_DATA_DIR).
@@ -65,7 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     e = sub.add_parser("extend", help="add the donor's Arabic tokens that the base lacks (English unchanged)")
     e.add_argument("base", help="base tokenizer (tokenizer.json BPE or tokenizer.model SentencePiece) or model dir")
-    e.add_argument("donor", help="donor tokenizer with the Arabic tokens (e.g. a Jais-family tokenizer)")
+    e.add_argument("donor", nargs="?", default=None,
+                   help="donor tokenizer with the Arabic tokens (e.g. a Jais-family tokenizer); or --learn-from")
+    e.add_argument("--learn-from", action="append", default=[], metavar="LANG=PATH[,PATH]",
+                   help="learn the donor on this Arabic text (.txt/.jsonl files or directories), in the base's style")
+    e.add_argument("--learn-chars", type=float, default=2e7, help="characters of --learn-from text to learn on")
+    e.add_argument("--save-donor", default=None, metavar="DIR", help="also write the learned donor here")
     e.add_argument("--add", type=int, required=True, metavar="N", help="number of tokens to add")
     e.add_argument("--out", required=True)
     e.add_argument("--by", choices=["rank", "frequency"], default="rank",
@@ -156,29 +162,45 @@ def _stats(args) -> int:
             rows.append(r)
     print(format_stats_table(rows))
     if args.json:
-        from dhad.tokenizer import _atomic_write
+        from dhad.utils import atomic_write_bytes
 
-        _atomic_write(Path(args.json), json.dumps([r.as_dict() | {"vocab_size": r.vocab_size} for r in rows], indent=2).encode())
+        atomic_write_bytes(Path(args.json), json.dumps([r.as_dict() | {"vocab_size": r.vocab_size} for r in rows], indent=2).encode())
     if args.plot:
         print(f"plot -> {plot_stats(rows, args.plot)}")
     return 0
 
 
+def _read_corpus(specs, field, max_chars: int) -> list[str]:
+    from dhad.tokenizer import parse_sources, read_texts
+
+    out, n = [], 0
+    for src in parse_sources(specs, field=field):
+        for p in src.paths:
+            for t in read_texts(p, src.field, max_chars=max_chars - n):
+                out.append(t)
+                n += len(t)
+            if n >= max_chars:
+                return out
+    return out
+
+
 def _extend(args) -> int:
-    from dhad.tokenizer import extend_tokenizer, load_tokenizer, read_texts
+    from dhad.tokenizer import extend_tokenizer, learn_donor, load_tokenizer
 
+    if (args.donor is None) == (not args.learn_from):
+        raise _cli_error("give either a DONOR tokenizer or --learn-from LANG=PATH (text to learn the Arabic tokens on)")
     base = load_tokenizer(args.base)
-    donor = load_tokenizer(args.donor)
-    corpus = None
-    if args.corpus:
-        from dhad.tokenizer import parse_sources
-
-        corpus, n = [], 0
-        for src in parse_sources(args.corpus, field=args.field):
-            for p in src.paths:
-                for t in read_texts(p, src.field, max_chars=int(args.max_chars)):
-                    corpus.append(t)
-                    n += len(t)
+    if args.donor is not None:
+        donor = load_tokenizer(args.donor)
+    else:
+        texts = _read_corpus(args.learn_from, args.field, int(args.learn_chars))
+        t0 = time.perf_counter()
+        donor = learn_donor(base, texts, args.add, show_progress=True)
+        print(f"learned a {donor.vocab_size}-token donor on {sum(map(len, texts)) / 1e6:.1f} M characters "
+              f"in {time.perf_counter() - t0:.1f}s")
+        if args.save_donor:
+            donor.save(args.save_donor)
+    corpus = _read_corpus(args.corpus, args.field, int(args.max_chars)) if args.corpus else None
     ext, rep = extend_tokenizer(base, donor, args.add, by=args.by, corpus=corpus)
     out = ext.save(args.out)
     d = rep.as_dict()

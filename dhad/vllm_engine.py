@@ -22,8 +22,7 @@ import json
 import threading
 from pathlib import Path
 
-from dhad.engine import (EngineClosed, EngineError, EngineFrontend, QueueFull,
-                         RequestHandle, StreamEvent)
+from dhad.engine_api import EngineClosed, EngineError, EngineFrontend, QueueFull, RequestHandle, StreamEvent
 from dhad.generate import SamplingParams, StopMatcher, StreamDecoder
 
 JAIS_MIN, JAIS_MAX = (0, 3, 4), (0, 22, 99)
@@ -50,11 +49,17 @@ def check_support(model_dir, vllm_version: str) -> None:
                           "vLLM 0.3.4 through 0.22 only. Install 'vllm>=0.3.4,<=0.22' or use --engine native.")
 
 
+# vLLM raises temperatures below 0.01 to 0.01 itself ("may cause numerical errors nan or inf"); older
+# releases do not, and its repetition penalty divides logits the same way. Both get that floor here.
+VLLM_FLOOR = 1e-2
+
+
 def to_vllm_params(p: SamplingParams, n_prompt: int, limit: int, vllm_module):
     """dhad/transformers parameters -> vllm.SamplingParams."""
     max_tokens = limit
     min_tokens = max(p.min_new_tokens, p.min_length - n_prompt, 0)
-    kw = dict(max_tokens=max_tokens, repetition_penalty=float(p.repetition_penalty), skip_special_tokens=True)
+    kw = dict(max_tokens=max_tokens, repetition_penalty=max(float(p.repetition_penalty), VLLM_FLOOR),
+              skip_special_tokens=True)
     # only what is set: older vLLM releases (0.3.x) lack some of these keywords
     optional = dict(min_tokens=min(min_tokens, max_tokens), stop=list(p.stop_strings),
                     stop_token_ids=list(p.stop_token_ids), seed=p.seed)
@@ -66,7 +71,8 @@ def to_vllm_params(p: SamplingParams, n_prompt: int, limit: int, vllm_module):
     if p.seed == 0:
         kw["seed"] = 0
     if p.do_sample:
-        kw.update(temperature=float(p.temperature), top_p=float(p.top_p), top_k=int(p.top_k) if p.top_k > 0 else -1)
+        kw.update(temperature=max(float(p.temperature), VLLM_FLOOR), top_p=float(p.top_p),
+                  top_k=int(p.top_k) if p.top_k > 0 else -1)
     else:
         kw.update(temperature=0.0)  # vLLM's greedy
     return vllm_module.SamplingParams(**kw)
@@ -126,7 +132,7 @@ class VLLMEngine(EngineFrontend):
                     raise EngineClosed("engine was shut down")
                 args = self._vllm.EngineArgs(**self._engine_args)
                 self._engine = self._vllm.LLMEngine.from_engine_args(args)
-                self._thread = threading.Thread(target=self._run, name="dhad-vllm-engine", daemon=True)
+                self._thread = threading.Thread(target=self._serve, name="dhad-vllm-engine", daemon=True)
                 self._thread.start()
         return self
 
@@ -135,8 +141,10 @@ class VLLMEngine(EngineFrontend):
         prompt_ids, params = self._prepare(prompt_ids, params, kwargs)
         h = RequestHandle(request_id or f"req-{next(self._ids)}", prompt_ids, params, self)
         with self._cv:
-            if self._closing or self._thread is None:
-                raise EngineClosed("engine is not running")
+            if self._closing:
+                raise self._closed_error()
+            if self._thread is None:
+                raise EngineClosed("engine not started (call start())")
             if len(self._pending) + len(self._live) >= self.max_batch_size + self.max_queue:
                 self._counters["rejected"] += 1
                 raise QueueFull(f"engine busy: {len(self._live)} running, {len(self._pending)} queued")
@@ -146,17 +154,17 @@ class VLLMEngine(EngineFrontend):
         return h
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
+        """As `Engine.shutdown`: stop taking requests, finish (``wait``) or abort the rest, join the thread."""
         with self._cv:
             self._closing = True
             self._abort = self._abort or not wait
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._join(timeout)
 
     def stats(self) -> dict:
         with self._cv:
             return {"engine": "vllm", "vllm_version": self._vllm.__version__, "running": self.running,
-                    "closing": self._closing, "active": len(self._live),
+                    "closing": self._closing, "error": self.error, "active": len(self._live),
                     "queued": len(self._pending), "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
                     "max_new_tokens_limit": self.max_new_tokens_limit, "max_seq_len": self.max_seq_len,
                     **{k: self._counters[k] for k in ("submitted", "completed", "cancelled", "rejected", "tokens")}}
@@ -174,16 +182,8 @@ class VLLMEngine(EngineFrontend):
         with self._cv:
             self._cv.notify_all()
 
-    def _run(self):
-        try:
-            self._loop()
-        except BaseException as e:  # vLLM raised: never leave clients waiting forever
-            self._fail_all(f"engine stopped: {type(e).__name__}: {e}")
-            raise
-        finally:
-            with self._cv:
-                self._closing = True
-            self._release_vllm()
+    def _after_loop(self):
+        self._release_vllm()
 
     def _release_vllm(self):
         """Stop vLLM's engine-core processes now (V1 engines run them beside this one) instead of at

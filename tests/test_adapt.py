@@ -301,3 +301,34 @@ def _projection_vs_mean(shared_data):
           f"mean {mean:.3f}, mean+cov {mean_cov:.3f}\n{rep.summary()}")
     assert proj < mean
     assert all(m.heldout_r2 > 0 for m in rep.matrices)
+
+
+@pytest.mark.data
+def test_adapt_init_on_the_real_llama2_base_keeps_english_logits(shared_data, fixtures_dir, tmp_path, capsys):
+    """The Jais-adapted recipe end to end on the real 32k Llama-2-style tokenizer: Arabic tokens learned on the
+    shared corpus (`dhad tokenizer extend --learn-from`), then `dhad adapt init` (projected init from a donor
+    model) of a tiny Llama: on English text the logits of every old token are exactly the base model's."""
+    from dhad.cli import main
+    from dhad.tokenizer import learn_donor, load_tokenizer
+
+    base_tok = load_tokenizer(fixtures_dir / "tokenizers" / "llama2-style")
+    ar = [t for t in read_texts(shared_data / "corpus" / "arabic" / "saudinewsnet_2015-07-23_and_25.jsonl",
+                                max_chars=1_000_000)]
+    donor_tok = learn_donor(base_tok, ar, 1500)
+    dhad.save_model(_model("tiny-llama", base_tok.vocab_size, seed=1), tmp_path / "base", tokenizer=base_tok)
+    dhad.save_model(_model("tiny-llama", donor_tok.vocab_size, seed=2), tmp_path / "donor", tokenizer=donor_tok)
+    ext, rep = extend_tokenizer(base_tok, donor_tok, 1500)
+    ext.save(tmp_path / "ext")
+    assert main(["adapt", "init", "--base", str(tmp_path / "base"), "--donor", str(tmp_path / "donor"),
+                 "--tokenizer", str(tmp_path / "ext"), "--out", str(tmp_path / "adapted")]) == 0
+    assert "projection init: vocab 32000 -> 33500" in capsys.readouterr().out
+    base, adapted = dhad.load_model(tmp_path / "base"), dhad.load_model(tmp_path / "adapted")
+    assert load_tokenizer(tmp_path / "adapted").vocab_size == adapted.config.vocab_size == 33500
+    en = "The student went to school in the morning and wrote the lesson in his notebook."
+    ids = base_tok.encode(en, add_special_tokens=True)
+    assert ext.encode(en, add_special_tokens=True) == ids  # English: the same ids under both tokenizers
+    with torch.no_grad():
+        old, new = base(torch.tensor([ids])), adapted(torch.tensor([ids]))
+    assert torch.equal(new[..., :32000], old)
+    # and Arabic text uses the new ids, whose rows came through the map
+    assert max(ext.encode(ar[0])) >= 32000 and not torch.equal(adapted.wte.weight[32000:], adapted.wte.weight[32000:33500].mean(0).expand(1500, -1))

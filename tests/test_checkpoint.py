@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -179,3 +180,123 @@ def test_atomic_save_leaves_previous_checkpoint_on_failure(tiny_llama_dir, monke
     with pytest.raises(OSError):
         ck._atomic_save({"x": torch.zeros(1)}, d / "model.safetensors")
     assert (d / "model.safetensors").read_bytes() == before
+
+
+# -- hostile or broken model folders: a clear error naming the file, the key and the value -----------
+
+def _llama_cfg():
+    return Config.from_name("tiny-llama").to_hf()
+
+
+def _jais_cfg():
+    return Config.from_name("tiny-jais").to_hf()
+
+
+def _drop(d, *keys):
+    for k in keys:
+        d.pop(k)
+    return d
+
+
+@pytest.mark.parametrize("config,match", [
+    (_drop(_llama_cfg(), "hidden_size"), r"config\.json: hidden_size: missing \(required\)$"),
+    ({**_llama_cfg(), "hidden_size": [64]}, r"hidden_size: must be a positive integer, got \[64\]"),
+    ({**_llama_cfg(), "hidden_size": "64"}, r"hidden_size: must be a positive integer, got '64'"),
+    ({**_llama_cfg(), "num_hidden_layers": -1}, r"num_hidden_layers: must be a positive integer, got -1"),
+    ({**_llama_cfg(), "num_hidden_layers": 2.5}, r"num_hidden_layers: must be a positive integer, got 2\.5"),
+    ({**_llama_cfg(), "rms_norm_eps": "1e-5"}, r"rms_norm_eps: must be a positive number, got '1e-5'"),
+    ({**_llama_cfg(), "num_key_value_heads": 3}, r"num_attention_heads: must be divisible by num_key_value_heads \(3\)"),
+    ({**_llama_cfg(), "rope_scaling": {"rope_type": "linear"}}, r"factor: missing"),
+    ({**_llama_cfg(), "tie_word_embeddings": "no"}, r"tie_word_embeddings: must be true or false, got 'no'"),
+    ({**_jais_cfg(), "n_layer": 0}, r"n_layer: must be a positive integer, got 0"),
+    ({**_jais_cfg(), "layer_norm_epsilon": "tiny"}, r"layer_norm_epsilon: must be a positive number, got 'tiny'"),
+    ({**_jais_cfg(), "mup_width_scale": "wide"}, r"mup_width_scale: must be a positive number, got 'wide'"),
+    ({**_jais_cfg(), "eos_token_id": -3}, r"eos_token_id: must be a token id"),
+    (_drop(_llama_cfg(), "model_type", "architectures"), r"config\.json: model_type: missing; dhad reads Jais"),
+    ([1, 2], r"config\.json: expected a JSON object, got list"),
+])
+def test_bad_config_json_names_the_key_and_value(tiny_llama_dir, tmp_path, capsys, config, match):
+    """load_model raises ConfigError (a ValueError) naming the file, key and value; `dhad info` exits 2
+    with that message (no traceback)."""
+    from dhad.cli import main
+    from dhad.config import ConfigError
+    _, d = tiny_llama_dir
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=match) as e:
+        dhad.load_model(bad)
+    assert str(bad / "config.json") in str(e.value)
+    capsys.readouterr()
+    assert main(["info", "--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match.rstrip("$"), err) and "Traceback" not in err
+
+
+def test_config_fields_are_checked_by_name():
+    from dhad.config import ConfigError
+    with pytest.raises(ConfigError, match=r"config\.n_layer: must be a positive integer, got -1"):
+        Config.from_name("tiny-jais", n_layer=-1)
+    with pytest.raises(ConfigError, match=r"config\.norm_eps: must be a positive number, got '1e-5'"):
+        Config(norm_eps="1e-5")
+    with pytest.raises(ConfigError, match=r"config\.position: must be one of"):
+        Config(position="sinusoidal")
+    assert Config(n_layer=np.int64(3)).n_layer == 3 and type(Config(n_layer=np.int64(3)).n_layer) is int
+
+
+def test_n_inner_defaults_to_4x_width_like_the_jais_code(tmp_path):
+    """A Jais config.json without n_inner: transformers' Jais (GPT-2) code uses 4 * n_embd for the
+    SwiGLU MLP too -- dhad reads the same shapes (and documents that rule)."""
+    cfg = _jais_cfg()
+    cfg.pop("n_inner")
+    assert Config.from_hf(cfg).n_inner == 4 * 64 == Config(n_embd=64, mlp="swiglu_jais").n_inner
+
+
+def test_int64_weights_are_refused(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, d = tiny_llama_dir
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    t = load_file(str(bad / "model.safetensors"))
+    t["model.norm.weight"] = torch.ones(64, dtype=torch.int64)
+    save_file(t, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has dtype torch\.int64"):
+        dhad.load_model(bad)
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_index_cannot_name_files_outside_the_model_folder(tiny_llama_dir, tmp_path, where):
+    """A shard name with `../` or an absolute path is refused before anything is opened, although the
+    file it names is a valid shard (so the old loader read it)."""
+    model, d = tiny_llama_dir
+    out = dhad.save_model(model, tmp_path / "m" / "sharded", max_shard_size="40KB")
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    first = sorted(set(idx["weight_map"].values()))[0]
+    outside = tmp_path / "m" / first
+    shutil.move(out / first, outside)
+    name = f"../{first}" if where == "parent" else str(outside)
+    idx["weight_map"] = {k: (name if v == first else v) for k, v in idx["weight_map"].items()}
+    (out / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=r"points outside the model folder"):
+        dhad.load_model(out)
+    from dhad.cli import main
+    assert main(["info", "--model", str(out)]) == 2
+
+
+def test_info_on_a_pickle_only_folder_fails(tmp_path, capsys):
+    from dhad.cli import main
+    (tmp_path / "config.json").write_text(json.dumps(_llama_cfg()))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    assert main(["info", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds only pickle checkpoints (pytorch_model.bin)" in err and "Traceback" not in err
+
+
+def test_info_lists_the_shards_an_index_names(tiny_llama_dir, tmp_path, capsys):
+    from dhad.cli import main
+    model, _ = tiny_llama_dir
+    out = dhad.save_model(model, tmp_path / "sharded", max_shard_size="40KB")
+    assert main(["info", "--model", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert info["files"] == shards and info["disk_bytes"] == sum((out / f).stat().st_size for f in shards)

@@ -12,7 +12,7 @@ import pytest
 DHAD = Path(__file__).resolve().parents[1] / "dhad"
 # what dhad.data may not import: the model and everything above it (`import dhad` is the public API,
 # whose __init__ loads the model)
-ABOVE_DATA = ("dhad.model", "dhad.checkpoint", "dhad.generate", "dhad.engine", "dhad.vllm_engine", "dhad.chat",
+ABOVE_DATA = ("dhad.model", "dhad.checkpoint", "dhad.generate", "dhad.engine", "dhad.engine_api", "dhad.vllm_engine", "dhad.chat",
               "dhad.serve", "dhad.evaluate", "dhad.synth", "dhad.train", "dhad.speedrun", "dhad.adapt")
 ABOVE_SYNTH = ("dhad.serve", "dhad.evaluate", "dhad.train", "dhad.speedrun")
 

@@ -93,7 +93,7 @@ def test_sentencepiece_llama2_masks(tmp_path):
     enc = Encoder(tmp_path)
     ex = encode_conversation(enc, MULTI, get_format("llama2"))
     runs = mask_runs(ex.ids, ex.mask)
-    decoded = [enc.tok.decode(r) for r in runs]
+    decoded = [enc.tok.decode(r, skip_special_tokens=True) for r in runs]
     want = [m["content"].strip() for m in MULTI if m["role"] == "assistant"]
     assert [d.strip() for d in decoded] == want                       # the answers, and only them
     assert [r[-1] for r in runs] == [enc.eos_token_id] * 3              # each ends with the </s> id

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -181,6 +182,46 @@ def test_shutdown_without_wait_cancels():
     assert [h.result(5).finish_reason for h in hs] == ["cancelled"] * 3
 
 
+def test_engine_failure_ends_requests_and_its_thread(monkeypatch):
+    """A model that raises mid-decode: every request ends with finish_reason "error", the worker thread
+    ends without an unhandled exception (it escaped to threading.excepthook before), the engine says
+    why it stopped and refuses new requests with that reason; shutdown() returns at once."""
+    import threading
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    m = Transformer(Config.from_name("tiny-llama")).init_weights(seed=0).eval()
+    eng = Engine(m, None, max_batch_size=2, max_queue=4)
+
+    def step():  # a forward's own error fails only its rows; this one stops the loop
+        raise MemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(eng, "_step", step)
+    eng.start()
+    hs = [eng.submit([i + 1, 2], max_new_tokens=50, **NO_EOS) for i in range(4)]
+    results = [h.result(30) for h in hs]
+    assert {r.finish_reason for r in results} == {"error"}
+    assert all("engine stopped: MemoryError: out of memory" in r.error for r in results)
+    eng._thread.join(30)
+    assert not eng.running and eng.stats()["error"] == "MemoryError: out of memory (simulated)"
+    with pytest.raises(EngineClosed, match="stopped after an error"):
+        eng.submit([1])
+    eng.shutdown(timeout=5)
+    assert escaped == []
+
+
+def test_shutdown_joins_the_thread_or_says_it_could_not():
+    from dhad.engine import EngineError
+    m = Transformer(Config.from_name("tiny-llama")).init_weights(seed=0).eval()
+    m.register_forward_pre_hook(lambda mod, a: time.sleep(0.05))
+    eng = Engine(m, None, max_batch_size=1).start()
+    h = eng.submit([1, 2], max_new_tokens=200, **NO_EOS)
+    next(iter(h))
+    with pytest.raises(EngineError, match="did not stop within 0.01 s"):
+        eng.shutdown(wait=True, timeout=0.01)  # finishing 200 tokens takes longer
+    eng.shutdown(wait=False, timeout=30)  # abort: the row is cancelled within one step
+    assert not eng._thread.is_alive() and h.result(1).finish_reason == "cancelled"
+
+
 def test_vllm_engine_needs_vllm(tmp_path):
     try:
         import vllm  # noqa: F401
@@ -225,6 +266,9 @@ def test_vllm_parameter_mapping():
     # a request's own EOS replaces the checkpoint's: vLLM stops on it and ignores its own
     e = to_vllm_params(SamplingParams(eos_token_id=(7, 9), stop_token_ids=(3,)), 10, 50, fake)
     assert e["stop_token_ids"] == [3, 7, 9] and e["ignore_eos"] is True
+    # denormal values that overflow logits are raised to vLLM's own temperature floor, 0.01
+    d = to_vllm_params(SamplingParams(do_sample=True, temperature=1e-45, repetition_penalty=5e-324), 10, 50, fake)
+    assert (d["temperature"], d["repetition_penalty"]) == (0.01, 0.01)
 
 
 def test_finished_request_frees_its_row_before_the_client_hears():
@@ -338,10 +382,16 @@ def test_vllm_adapter_drives_llmengine_like_native(tmp_path, monkeypatch, byte_t
             eng.submit([1, 2], max_new_tokens=65)
         st = eng.stats()
         assert st["engine"] == "vllm" and st["cancelled"] == 1 and st["completed"] == 6
-        # vLLM failing mid-request ends the request with an error instead of hanging the client
+        # vLLM failing mid-request ends the request with an error instead of hanging the client; the
+        # worker thread ends there (the exception used to escape it, after this test had finished)
         fake.model = None
         res = eng.generate([1, 2, 3], max_new_tokens=4, timeout=30)
         assert res.finish_reason == "error" and "engine stopped" in res.error
+        eng._thread.join(30)
+        assert not eng.running and "TypeError" in eng.stats()["error"]
+        with pytest.raises(EngineClosed, match="stopped after an error .TypeError"):
+            eng.submit([1, 2], max_new_tokens=2)
+    assert not eng._thread.is_alive()
 
 
 def test_vllm_engine_args_reach_vllm(tmp_path, monkeypatch, byte_tok):
@@ -377,3 +427,32 @@ def test_vllm_engine_args_reach_vllm(tmp_path, monkeypatch, byte_tok):
         res = eng.generate([5, 6, 7], max_new_tokens=4, eos_token_id=(), timeout=60)
         assert res.token_ids == generate_ids(model, [5, 6, 7], max_new_tokens=4, eos_token_id=())[0]
         assert res.text == ""
+
+
+def test_engines_share_a_front_end_without_an_import_cycle():
+    """dhad.engine and dhad.vllm_engine both build on dhad.engine_api; the vLLM adapter never imports the
+    native engine (which loads the adapter lazily, in make_engine), so the two form no cycle (issue 19)."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "dhad"
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((root / f"{name}.py").read_text(encoding="utf-8"))
+        out = set()
+        for node in ast.walk(tree):  # lazy imports inside functions count too
+            if isinstance(node, ast.ImportFrom) and node.module:
+                out.add(node.module)
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+        return out
+
+    assert "dhad.engine" not in imports("vllm_engine")
+    assert {"dhad.engine", "dhad.vllm_engine"}.isdisjoint(imports("engine_api"))
+    assert "dhad.engine_api" in imports("engine") and "dhad.engine_api" in imports("vllm_engine")
+    import dhad.engine
+    import dhad.engine_api
+    import dhad.vllm_engine
+    for name in ("RequestHandle", "StreamEvent", "Completion", "EngineError", "QueueFull", "RequestError",
+                 "EngineClosed"):  # the public names stay importable from dhad.engine
+        assert getattr(dhad.engine, name) is getattr(dhad.engine_api, name)
+    assert issubclass(dhad.vllm_engine.VLLMEngine, dhad.engine_api.EngineFrontend)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import pytest
+
 
 def training_texts(data: Path, n: int = 600) -> list[str]:
     files = ["exams_ar/acegpt_exam_test.jsonl", "acva/difficulty-easy-TF_test.jsonl", "arc_easy/arc_easy_test.jsonl",
@@ -22,7 +24,9 @@ def training_texts(data: Path, n: int = 600) -> list[str]:
 
 
 def build_tiny_llama(out_dir: Path, data: Path, *, hidden: int = 64, layers: int = 2, vocab: int = 4096,
-                     max_pos: int = 4096, seed: int = 0) -> Path:
+                     max_pos: int = 4096, seed: int = 0, add_bos_key: bool = True) -> Path:
+    """`add_bos_key=False`: tokenizer_config has no add_bos_token (Llama-3's layout): BOS comes from the
+    tokenizer.json post-processor alone."""
     import torch
     from tokenizers import processors
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -33,7 +37,10 @@ def build_tiny_llama(out_dir: Path, data: Path, *, hidden: int = 64, layers: int
     tok = train_bpe(training_texts(data), vocab, special_tokens=["<|endoftext|>", "<s>", "</s>"], chat_template=None)
     tok.backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.config.update(bos_token="<s>", eos_token="</s>", pad_token="</s>", unk_token="<|endoftext|>",
-                      add_bos_token=True, model_max_length=max_pos)
+                      model_max_length=max_pos)
+    tok.config.pop("add_bos_token", None)
+    if add_bos_key:
+        tok.config["add_bos_token"] = True
     tok.save(out_dir)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -44,3 +51,16 @@ def build_tiny_llama(out_dir: Path, data: Path, *, hidden: int = 64, layers: int
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def offline(monkeypatch):
+    """Offline mode now, also when `datasets` / `huggingface_hub` were imported before (they read the
+    variables at import; otherwise each load waits out its network retries)."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

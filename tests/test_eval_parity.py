@@ -11,7 +11,7 @@ the same, and so are the task accuracies.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,8 @@ class Case:
     drop: tuple[str, ...] = ()     # YAML keys not applicable to the local rows
     to_hub: object = None          # dhad doc -> the harness's Hub schema, where they differ
     name: str = field(default="")
+    atol: float = 2e-3             # log-likelihood tolerance (issue 18's tasks: 1e-4)
+    harness_rows: str | None = None  # give the harness this dhad task's rows (it filters them itself)
 
 
 def _race_hub(d):
@@ -69,6 +71,20 @@ CASES = [
     Case("race", "race/race.yaml", None, {"test": "test"}, shots=(0,), to_hub=_race_hub),
     # local HellaSwag rows are already preprocessed: the harness's process_docs needs ctx_a/ctx_b
     Case("hellaswag", "hellaswag/hellaswag.yaml", None, {"test": "validation"}, shots=(0,), drop=("process_docs",)),
+    # CrowS-Pairs (empty context, whole sentences; likelihood_diff and pct_stereotype) and the Okapi
+    # Arabic translations read from Okapi's own files (the alexandrainst/m_* rows), lm-eval's okapi YAMLs
+    Case("crows_pairs_english", "crows_pairs/crows_pairs_english.yaml", None, {"test": "test"}, shots=(0,), atol=1e-4),
+    Case("crows_pairs_french", "crows_pairs/crows_pairs_french.yaml", None, {"test": "test"}, shots=(0,), atol=1e-4),
+    Case("crows_pairs_english_gender", "crows_pairs/crows_pairs_english_gender.yaml", None, {"test": "test"},
+         shots=(0,), atol=1e-4, harness_rows="crows_pairs_english"),  # the harness filters all 1,677 rows
+    Case("arc_ar", "okapi/arc_multilingual/arc_ar.yaml", None, {"test": "test", "train": "train"},
+         fewshot_split="train", atol=1e-4),
+    Case("truthfulqa_ar_mc1", "okapi/truthfulqa_multilingual/truthfulqa_ar_mc1.yaml", None, {"test": "validation"},
+         shots=(0,), atol=1e-4),
+    Case("truthfulqa_ar_mc2", "okapi/truthfulqa_multilingual/truthfulqa_ar_mc2.yaml", None, {"test": "validation"},
+         shots=(0,), atol=1e-4),
+    Case("m_mmlu_ar", "okapi/mmlu_multilingual/m_mmlu_ar.yaml", None, {"test": "val", "train": "dev"},
+         fewshot_split="train", atol=1e-4),
 ]
 RUNS = [(c, k) for c in CASES for k in c.shots]
 
@@ -116,7 +132,8 @@ def harness_run(tiny_model, shared_data):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    tasks = [_harness_task(c, k, _dhad_splits(c, shared_data)) for c, k in RUNS]
+    tasks = [_harness_task(c, k, _dhad_splits(replace(c, task=c.harness_rows) if c.harness_rows else c, shared_data))
+             for c, k in RUNS]
     out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(tiny_model), "dtype": "float32"},
                                   tasks=tasks, limit=LIMIT, batch_size=16, device="cpu", log_samples=True,
                                   task_manager=TaskManager(include_defaults=False), bootstrap_iters=0)
@@ -143,7 +160,10 @@ def dhad_run(tiny_model, shared_data):
         out[name] = []
         for _ in ex:
             e, res = next(scored)
-            out[name].append((e, [r[0] for r in res], score_example([r[0] for r in res], e.choices, e.gold, e.mc2_labels)))
+            lls = [r[0] for r in res]
+            task = T.get_task(e.task)
+            out[name].append((e, lls, task.process_results(lls, e) if task.process_results else
+                              score_example(lls, e.choices, e.gold, e.mc2_labels)))
     return out
 
 
@@ -153,25 +173,28 @@ def _harness_lls(sample) -> list[float]:
 
 @pytest.mark.parametrize("case,shots", RUNS, ids=[_run_id(c, k) for c, k in RUNS])
 def test_same_prompts_choices_and_accuracy_as_lm_eval(case, shots, harness_run, dhad_run):
+    from dhad.evaluate import tasks as T
+
     samples, results = harness_run
     name = _run_id(case, shots)
     ours = dhad_run[name]
     theirs = samples[name]
     assert len(ours) == len(theirs) == LIMIT
+    metrics = T.get_task(case.task).metrics
     for (e, lls, m), s in zip(ours, theirs):
         assert e.doc_index == int(s["doc_id"])
         assert [tuple(a) for a in s["arguments"]] == e.requests  # prompt strings incl. few-shot selection
         ref = _harness_lls(s)
-        assert lls == pytest.approx(ref, abs=2e-3, rel=1e-5)
-        assert m["pred"] == max(range(len(ref)), key=lambda i: (ref[i], -i))  # same choice (first max wins)
-        for metric in ("acc", "acc_norm"):
-            if metric in s:
-                assert m[metric] == pytest.approx(float(s[metric]), abs=1e-6), (metric, e.doc_index)
-    for metric in ("acc", "acc_norm"):
-        key = f"{metric},none"
-        if key in results[name]:
-            ours_mean = sum(m[metric] for _, _, m in ours) / len(ours)
-            assert ours_mean == pytest.approx(results[name][key], abs=1e-6)
+        assert lls == pytest.approx(ref, abs=case.atol, rel=1e-5 if case.atol > 1e-4 else 0)
+        if "pred" in m:
+            assert m["pred"] == max(range(len(ref)), key=lambda i: (ref[i], -i))  # same choice (first max wins)
+        for metric in metrics:
+            assert metric in s, (metric, sorted(s))
+            tol = case.atol if metric == "likelihood_diff" else 1e-6
+            assert m[metric] == pytest.approx(float(s[metric]), abs=tol), (metric, e.doc_index)
+    for metric in metrics:
+        ours_mean = sum(m[metric] for _, _, m in ours) / len(ours)
+        assert ours_mean == pytest.approx(results[name][f"{metric},none"], abs=case.atol)
 
 
 def test_parity_covers_the_required_tasks():
@@ -220,3 +243,56 @@ def test_adapter_rolling_and_generation_match_hf(tiny_model):
     gen = [Instance("generate_until", {}, (t, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}), i)
            for i, t in enumerate(texts)]
     assert ours.generate_until(gen) == hf.generate_until(gen, disable_tqdm=True)
+
+
+# BOS through the tokenizer.json post-processor alone (Llama-3's layout: no add_bos_token key), 0 and 5 shots,
+# three tasks, one Arabic: `dhad eval`'s scorer and the lm-eval adapter against the hf backend.
+BOS_CASES = [c for c in CASES if (c.task, c.subtask) in {("exams_ar", "Biology"), ("arc_easy", None),
+                                                          ("mmlu", "anatomy")}]
+BOS_RUNS = [(c, k) for c in BOS_CASES for k in (0, 5)]
+
+
+@pytest.fixture(scope="module")
+def pp_bos_model(tmp_path_factory, shared_data):
+    import json
+
+    d = build_tiny_llama(tmp_path_factory.mktemp("tiny_llama_pp_bos"), shared_data, add_bos_key=False, seed=3)
+    assert "add_bos_token" not in json.loads((d / "tokenizer_config.json").read_text())
+    return d
+
+
+def test_bos_from_post_processor_parity_with_lm_eval(pp_bos_model, shared_data):
+    import lm_eval
+    import lm_eval.models.huggingface  # noqa: F401  (registers "hf")
+    from lm_eval.tasks import TaskManager
+
+    import dhad
+    import dhad.evaluate.lm_eval_adapter  # noqa: F401  (registers "dhad")
+    from dhad.evaluate import tasks as T
+    from dhad.evaluate.scoring import Scorer
+
+    assert len({c.task for c in BOS_CASES}) == 3 and any(T.get_task(c.task).lang == "ar" for c in BOS_CASES)
+    tok = dhad.load_tokenizer(pp_bos_model)
+    assert tok.encode("Question:", add_special_tokens=True)[0] == tok.bos_token_id == 1
+
+    def harness(model, args):
+        tasks = [_harness_task(c, k, _dhad_splits(c, shared_data)) for c, k in BOS_RUNS]
+        out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=tasks, limit=LIMIT, log_samples=True,
+                                      task_manager=TaskManager(include_defaults=False), bootstrap_iters=0,
+                                      **({"batch_size": 16, "device": "cpu"} if model == "hf" else {}))
+        return {n: sorted(s, key=lambda x: int(x["doc_id"])) for n, s in out["samples"].items()}
+
+    ref = harness("hf", {"pretrained": str(pp_bos_model), "dtype": "float32"})
+    adapter = harness("dhad", {"pretrained": str(pp_bos_model)})
+    scorer = Scorer(dhad.load_model(pp_bos_model), tok, batch_tokens=8192, max_rows=32)
+    for c, k in BOS_RUNS:
+        name = _run_id(c, k)
+        ex, _ = T.build_examples(T.get_task(c.task), _dhad_splits(c, shared_data), shots=k, limit=LIMIT)
+        ours = [[r[0] for r in res] for res in scorer.loglikelihood([e.requests for e in ex])]
+        for e, lls, a, s in zip(ex, ours, adapter[name], ref[name], strict=True):
+            assert [tuple(x) for x in s["arguments"]] == e.requests
+            want = _harness_lls(s)
+            assert lls == pytest.approx(want, abs=2e-3, rel=1e-5), (name, e.doc_index)
+            assert _harness_lls(a) == pytest.approx(want, abs=2e-3, rel=1e-5), (name, e.doc_index)
+            assert float(a["acc"]) == float(s["acc"])
+            assert max(range(len(lls)), key=lambda i: (lls[i], -i)) == max(range(len(want)), key=lambda i: (want[i], -i))

@@ -181,9 +181,8 @@ def test_no_data_dir(monkeypatch):
 
 
 def test_hub_is_explicit_and_fails_clearly_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    pytest.importorskip("datasets")
+    from test_eval_helpers import offline
+    offline(monkeypatch)
     with pytest.raises(T.TaskError, match="could not load baber/piqa .*Hugging Face Hub.*Offline"):
         T.get_task("piqa").load(None, hub=True)
     with pytest.raises(T.TaskError, match="no Hugging Face dataset"):
@@ -231,7 +230,7 @@ def test_arc_row_whose_key_disagrees_with_gold_is_skipped(tmp_path):
 
 def test_every_registered_task_is_declarative():
     for task in T.TASKS.values():
-        assert task.lang in ("ar", "en") and task.harness and task.title
-        assert task.sampler in ("first_n", "random")
+        assert task.lang in ("ar", "en", "fr") and task.harness and task.title
+        assert task.sampler in ("first_n", "random") and task.encoding in ("lm-eval", "v0.3")
     assert {"arabicmmlu", "mmlu", "mmlu_ar", "exams_ar", "acva", "hellaswag", "piqa", "boolq", "siqa", "arc_challenge",
             "arc_easy", "openbookqa", "winogrande", "race", "truthfulqa_mc1", "truthfulqa_mc2"} <= set(T.TASKS)

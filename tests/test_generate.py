@@ -224,6 +224,46 @@ def test_low_temperature_sampling_is_greedy(llama_pair):
     assert generate_ids(m, ids, max_new_tokens=10, do_sample=True, top_k=1, seed=3) == greedy
 
 
+@pytest.mark.parametrize("temperature,penalty", [(1e-45, 1.0), (1e-300, 1.0), (5e-324, 1.0), (1.0, 5e-324),
+                                                 (1e-40, 1e-40), (0.7, 1e-300)])
+def test_denormal_parameters_keep_probabilities_finite(temperature, penalty):
+    """Valid but tiny temperature / repetition penalty (zero or denormal in float32) overflowed the logits:
+    multinomial raised "probability tensor contains inf/nan" (issue 17). A temperature this small is the
+    t -> 0 limit: the sampler picks the greedy token; a tiny penalty makes seen tokens win (x / 1e-300)."""
+    g = torch.Generator().manual_seed(1)
+    V = 64
+    logits = torch.randn(3, V, generator=g) * 4
+    logits[:, 9] = -float("inf")  # a token another processor already ruled out stays out
+    seen = [3, 17]
+    s = Sampler(3, V)
+    p = SamplingParams(do_sample=True, temperature=temperature, repetition_penalty=penalty, top_k=0, top_p=0.9)
+    for r in range(3):
+        s.set_row(r, p, seen, [], generator=torch.Generator().manual_seed(r))
+    probs = s.warp(s.process(logits.clone()), torch.arange(3)).softmax(-1)
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(3))
+    toks = s(logits.clone())
+    if penalty < 1e-30:  # positive seen logits divided by ~0 dominate; negative ones go to -0
+        pos = [[t for t in seen if logits[r, t] > 0] for r in range(3)]
+        assert all(int(toks[r]) in (pos[r] or range(V)) for r in range(3))
+    else:  # temperature -> 0: greedy
+        assert toks.tolist() == logits.argmax(-1).tolist()
+    assert 9 not in toks.tolist()
+
+
+def test_ordinary_temperatures_untouched_by_the_overflow_guard():
+    """The guard changes only rows whose division overflows: elsewhere the result is bit-identical to
+    dividing by the temperature (transformers' TemperatureLogitsWarper), also in a mixed batch."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 32, generator=g) * 3
+    s = Sampler(2, 32)
+    s.set_row(0, SamplingParams(do_sample=True, temperature=0.37, top_k=0), [], [])
+    s.set_row(1, SamplingParams(do_sample=True, temperature=1e-45, top_k=0), [], [])
+    out = s.warp(logits.clone(), torch.arange(2))
+    assert torch.equal(out[0], logits[0] / torch.tensor(0.37))
+    best = int(logits[1].argmax())
+    assert out[1][best] == 0 and (out[1][torch.arange(32) != best] < -1e30).all()  # softmax: one-hot on the best
+
+
 # --- parameters -----------------------------------------------------------------------------------
 
 def test_presets_from_cards():

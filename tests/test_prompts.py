@@ -69,8 +69,7 @@ def test_card_prompts_verbatim():
 
 def test_card_prompts_match_seed_file(shared_data):
     seed = shared_data.parent / "seeds" / "jais-family-card.txt"
-    if not seed.is_file():
-        pytest.skip(f"{seed} absent")
+    assert seed.is_file(), f"{seed} is part of ../shared (the model cards)"
     text = seed.read_text(encoding="utf-8")
     for name, const in (("prompt_eng", P.JAIS_PROMPT_ENG), ("prompt_ar", P.JAIS_PROMPT_AR)):
         line = next(l for l in text.splitlines() if l.startswith(name + " = "))
@@ -230,3 +229,38 @@ def test_answer_as_served_trains_after_the_generation_prompt(name):
     assert text.endswith("\n[|AI|] جواب\n[|Human|] q2\n[|AI|]\n### Response : a2")
     with pytest.raises(PromptError, match="built-in chat format"):
         render_segments(two, dataclasses.replace(FORMATS["jais"], builtin=None), answer_as_served=True)
+
+
+LLAMA3_CONVS = [
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "system", "content": "أنت مساعد مفيد."}, {"role": "user", "content": "  ما هي عاصمة الإمارات؟  "}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " أهلاً! "},
+     {"role": "user", "content": "Translate: good morning\n"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}],
+]
+
+
+@pytest.fixture(scope="module")
+def llama3(fixtures_dir):
+    from transformers import AutoTokenizer
+
+    import dhad
+
+    d = fixtures_dir / "tokenizers" / "llama3"
+    return d, AutoTokenizer.from_pretrained(str(d)), dhad.load_tokenizer(d)
+
+
+@pytest.mark.parametrize("conv", range(len(LLAMA3_CONVS)))
+@pytest.mark.parametrize("gen", [True, False])
+def test_llama3_checkpoint_template_matches_apply_chat_template(llama3, conv, gen):
+    """The real Llama-3 tokenizer's Jinja chat template: dhad's rendering is byte-identical to transformers'
+    apply_chat_template (system, multi-turn, add_generation_prompt), and so are the ids."""
+    d, hf, tok = llama3
+    msgs = LLAMA3_CONVS[conv]
+    text = render(msgs, get_format(d), add_generation_prompt=gen)
+    assert text == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>")
+    ids = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert tok.encode(text) == list(ids)

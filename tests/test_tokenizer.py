@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dhad.prompts import CHATML_TEMPLATE
 from dhad.tokenizer import (
-    CHATML_TEMPLATE,
+    ENDOFTEXT,
     ArabicNormalization,
     Source,
     Tokenizer,
@@ -113,9 +114,6 @@ def test_chat_template_renders_through_transformers(tmp_path):
 
 
 def test_default_chat_template_is_jais_family(saved):
-    prompts = pytest.importorskip("dhad.prompts")
-    if not isinstance(getattr(prompts, "JAIS_CHAT_TEMPLATE", None), str):
-        pytest.skip("dhad.prompts has no JAIS_CHAT_TEMPLATE yet")
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(saved))
@@ -358,3 +356,313 @@ def test_cli_train_stats_extend(tmp_path, capsys):
     assert main(["tokenizer", "train", "--input", a, "--vocab-size", "50", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "smaller than the alphabet" in err and "Traceback" not in err
+
+
+# --- the one rule: dhad == transformers on real tokenizers --------------------------------------
+# Bilingual hard cases: leading/trailing/repeated spaces, newlines and \r, tatweel, harakat, Arabic-Indic
+# digits, ZWNJ/ZWJ and bidi marks, emoji, special-token strings in text, text right after a special token,
+# empty strings.
+HARD = [
+    "", " ", "  ", "Hello", " Hello", "  Hello  world  ", "trailing   ", "Hello عربي", "مرحبا بالعالم", " مرحبا",
+    "line1\nline2\n\nline3\n", "crlf\r\nnext\r", "\r", "\t tab", "العـــربية ـ", "مَرْحَبًا بِكُمْ يَا أَصْدِقَائِي",
+    "٠١٢٣٤٥٦٧٨٩ ۰۱۲ 123 ٣٫١٤", "نص\u200cمع\u200dوصل", "\u200fمرحبا\u200e hello", "\u202bنص\u202c \u2067x\u2069", "\u061c؟",
+    "😀 👍🏽 🇦🇪 👨\u200d👩\u200d👧 ❤️", "<s>", "</s>", "<unk>", "<s>Hello", "a<s>b", "a </s> b", "Hello</s>",
+    "</s>مرحبا", "<s> مرحبا", "<s>[INST] سؤال؟ [/INST] جواب </s><s>[INST] q", "<|begin_of_text|>Hi", "x<|eot_id|>y",
+    "<|start_header_id|>user<|end_header_id|>\n\nمرحبا<|eot_id|>", "<|endoftext|>", "<|im_start|>user\nhi<|im_end|>",
+]
+SPECIAL_STRINGS = ["<s>", "</s>", "<unk>", "<|begin_of_text|>", "<|eot_id|>", "<|endoftext|>", "<|im_start|>"]
+hard_text = st.lists(st.one_of(ARABIC_LETTERS, HARAKAT, st.characters(min_codepoint=0x20, max_codepoint=0x7E), DIGITS,
+                               EMOJI, RTL_MARKS, st.sampled_from([" ", "  ", "\n", "\r", "\r\n", "\t"] + SPECIAL_STRINGS)),
+                     min_size=0, max_size=40).map("".join)
+
+
+def _agree(ours: Tokenizer, hf, texts) -> None:
+    """ids with and without special tokens, batch encode and decode (both ways) equal transformers'."""
+    for add in (True, False):
+        want = [hf(t, add_special_tokens=add)["input_ids"] for t in texts]
+        assert [ours.encode(t, add_special_tokens=add) for t in texts] == want, add
+        assert ours.encode_batch(texts, add_special_tokens=add) == want
+    for ids in (hf(t)["input_ids"] for t in texts):
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), (ids, skip)
+
+
+_REAL: dict = {}
+
+
+def _real(path: Path):
+    """(dhad, transformers) tokenizers of a directory, loaded once per session."""
+    if str(path) not in _REAL:
+        from transformers import AutoTokenizer
+
+        _REAL[str(path)] = (load_tokenizer(path), AutoTokenizer.from_pretrained(str(path)))
+    return _REAL[str(path)]
+
+
+@pytest.mark.parametrize("name", ["llama2-style", "llama3"])
+def test_real_tokenizers_match_transformers(fixtures_dir, name):
+    ours, hf = _real(fixtures_dir / "tokenizers" / name)
+    _agree(ours, hf, HARD)
+    assert (ours.bos_token_id, ours.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
+    assert ours.vocab_size == len(hf)
+
+
+@PROP
+@given(text=hard_text)
+def test_real_tokenizers_match_transformers_property(fixtures_dir, text):
+    for name in ("llama2-style", "llama3"):
+        _agree(*_real(fixtures_dir / "tokenizers" / name), [text])
+
+
+def test_llama2_style_leading_space_follows_transformers(fixtures_dir):
+    """The README's subtlety: for `legacy: true` Llama tokenizers transformers 5 and the `tokenizers` library
+    (and SentencePiece) disagree on a leading space and on text right after a special token. dhad follows
+    transformers: no second `▁` where the text already starts with a space (docs/tokenizers.md)."""
+    from tokenizers import Tokenizer as HF
+
+    d = fixtures_dir / "tokenizers" / "llama2-style"
+    ours, raw = load_tokenizer(d), HF.from_file(str(d / "tokenizer.json"))
+    assert ours.encode(" Hello", add_special_tokens=True) == [1, 22557]            # transformers 5
+    assert raw.encode(" Hello").ids == [1, 28705, 22557]                            # tokenizers / SentencePiece
+    assert ours.encode("a </s> b") == [264, 28705, 2, 287] != raw.encode("a </s> b", add_special_tokens=False).ids
+    assert ours.encode("Hello عربي", add_special_tokens=True) == raw.encode("Hello عربي").ids  # elsewhere equal
+
+
+def test_bos_from_the_post_processor(fixtures_dir, tmp_path):
+    """Meta's Llama-3 tokenizer.json adds <|begin_of_text|> with a TemplateProcessing post-processor and its
+    tokenizer_config has no add_bos_token: encode(..., add_special_tokens=True) must keep that BOS."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    src = fixtures_dir / "tokenizers" / "llama3"
+    hf = HF.from_file(str(src / "tokenizer.json"))
+    hf.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+                                      special_tokens=[("<|begin_of_text|>", 128000)])])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    assert "add_bos_token" not in cfg
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    ours, ref = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ours.encode("Hello عربي", add_special_tokens=True) == [128000, 9906, 113775, 14900]
+    assert ours.encode("Hello عربي") == [9906, 113775, 14900]
+    _agree(ours, ref, HARD)
+    # with a tokenizer.json, transformers 5 ignores the config's add_bos_token: the post-processor decides
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": False}), encoding="utf-8")
+    ours, ref = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ours.encode("Hello", add_special_tokens=True) == ref("Hello")["input_ids"] == [128000, 9906]
+
+
+def test_jais_style_gpt2_bpe_matches_transformers(tmp_path):
+    """A Jais-family-style tokenizer: GPT-2 byte-level BPE (GPT-2's own pre-tokenizer regex), <|endoftext|> as
+    bos/eos/pad/unk, PreTrainedTokenizerFast, no BOS added."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    hf = HF(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator((AR + EN) * 20, trainers.BpeTrainer(vocab_size=600, special_tokens=[ENDOFTEXT],
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT,
+        "pad_token": ENDOFTEXT, "unk_token": ENDOFTEXT, "clean_up_tokenization_spaces": False}))
+    ours, ref = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (0, 0, 0)
+    assert ours.encode("كتب", add_special_tokens=True) == ours.encode("كتب")
+    _agree(ours, ref, HARD + AR + EN)
+
+
+@pytest.fixture(scope="session")
+def sp_dir(tmp_path_factory) -> Path:
+    """A SentencePiece-only model dhad trains (tokenizer.model + tokenizer_config with add_bos_token: true)."""
+    sp = train_sentencepiece((AR + EN) * 20, 500, user_defined_symbols=["[INST]"])
+    return sp.save(tmp_path_factory.mktemp("sp"))
+
+
+def test_sentencepiece_only_matches_transformers(sp_dir):
+    cfg = json.loads((sp_dir / "tokenizer_config.json").read_text())
+    assert cfg["add_bos_token"] is True and not (sp_dir / "tokenizer.json").exists()
+    ours, hf = _real(sp_dir)
+    assert ours.kind == "sentencepiece"
+    _agree(ours, hf, HARD + AR + EN)
+    # special-token strings in text are one id each, never the byte pieces <0x3C> s <0x3E>
+    assert ours.encode("<s>[INST] كتب [/INST] جواب </s>")[:2] == [1, ours.token_to_id("[INST]")]
+    assert ours.encode("x </s>")[-1] == 2
+
+
+@PROP
+@given(text=hard_text)
+def test_sentencepiece_only_matches_transformers_property(sp_dir, text):
+    _agree(*_real(sp_dir), [text])
+
+
+def test_add_bos_and_eos_token_flags(tmp_path):
+    """tokenizer_config's add_bos_token/add_eos_token decide for a tokenizer.model; next to a tokenizer.json
+    transformers 5 ignores them (the file's post-processor decides), and so does dhad."""
+    from transformers import AutoTokenizer
+
+    sp = train_sentencepiece(EN * 20, 300)
+    sp.config.update(add_bos_token=False, add_eos_token=True)
+    sp.save(tmp_path / "sp")
+    bpe = train_bpe(EN * 5, 300)
+    bpe.config.update(add_bos_token=True, add_eos_token=True)
+    bpe.save(tmp_path / "bpe")
+    for d, want in (("sp", lambda ids: ids + [2]), ("bpe", lambda ids: ids)):
+        ours, hf = load_tokenizer(tmp_path / d), AutoTokenizer.from_pretrained(str(tmp_path / d))
+        assert ours.encode("The book", add_special_tokens=True) == want(ours.encode("The book"))
+        _agree(ours, hf, HARD + EN)
+
+
+def test_lone_surrogates_are_a_tokenizer_error(tok, sp_dir):
+    for t in (tok, load_tokenizer(sp_dir)):
+        with pytest.raises(TokenizerError, match=r"U\+D800 at position 3 is a lone surrogate"):
+            t.encode("abc\ud800def")
+        with pytest.raises(TokenizerError, match=r"text 1: .*U\+DFFF at position 0"):
+            t.encode_batch(["ok", "\udfff"], add_special_tokens=True)
+        with pytest.raises(TokenizerError, match="must be a str, got NoneType"):
+            t.encode(None)
+        assert t.decode(t.encode("\U0010ffff\ufffe")) == "\U0010ffff\ufffe"  # valid (if unusual) code points encode
+
+
+def test_encode_pieces_prefix_equals_whole_prompt(sp_dir, tok):
+    """The first piece of a rendered chat is encode(prompt) exactly; later pieces get no dummy prefix."""
+    sp = load_tokenizer(sp_dir)
+    prompt, answer = "<s>[INST] كتب الطالب [/INST]", " الدرس </s>"
+    pieces = sp.encode_pieces([prompt, answer])
+    assert pieces[0] == sp.encode(prompt)
+    assert sp.decode(pieces[0] + pieces[1]) == prompt + answer
+    assert pieces[1] == sp.encode_continuation(answer)
+    # a continuation gets no dummy-prefix "▁" (its own leading space is kept)
+    assert sp.id_to_token(sp.encode("الدرس")[0]).startswith("\u2581")
+    assert not sp.id_to_token(sp.encode_continuation("الدرس")[0]).startswith("\u2581")
+    assert sp.decode(sp.encode("x") + sp.encode_continuation("الدرس")) == "xالدرس"
+    assert tok.encode_pieces(["<|im_start|>user\nhi", " there"]) == [tok.encode("<|im_start|>user\nhi"), tok.encode(" there")]
+
+
+# --- the Jais-adapted recipe on the real Llama-2-style base ---------------------------------------
+
+def _file_texts(path: Path, max_chars: int, skip: int = 0) -> list[str]:
+    out, n = [], 0
+    for t in read_texts(path):
+        if n >= skip + max_chars:
+            break
+        if n >= skip:
+            out.append(t)
+        n += len(t)
+    return out
+
+
+def _per_word(tok: Tokenizer, texts: list[str]) -> float:
+    return sum(map(len, tok.encode_batch(texts))) / sum(len(t.split()) for t in texts)
+
+
+@pytest.mark.data
+def test_extend_real_llama2_base_with_learned_arabic_tokens(shared_data, fixtures_dir, tmp_path, capsys):
+    """`dhad tokenizer extend BASE --learn-from arabic=...` on the real 32k base: Arabic needs >= 2.5x fewer
+    tokens per word on held-out text (MSA Wikipedia, not learned on), English is unchanged, every base id keeps
+    its token, and transformers loads the result and encodes as dhad does. (docs/tokenizers.md has the 32k run.)"""
+    from transformers import AutoTokenizer
+
+    from dhad.cli import main
+
+    ar_dir, en_dir = shared_data / "corpus" / "arabic", shared_data / "corpus" / "english"
+    base_dir = fixtures_dir / "tokenizers" / "llama2-style"
+    learn = f"arabic={ar_dir / 'saudinewsnet_2015-07-23_and_25.jsonl'},{ar_dir / 'arzwiki_20181020_egyptian.jsonl'}"
+    assert main(["tokenizer", "extend", str(base_dir), "--learn-from", learn, "--learn-chars", "4e6", "--add", "8000",
+                 "--out", str(tmp_path / "ext")]) == 0
+    assert "32000 -> 40000 tokens" in capsys.readouterr().out
+    base, ext = load_tokenizer(base_dir), load_tokenizer(tmp_path / "ext")
+    ar = _file_texts(ar_dir / "wikipedia_paragraphs_xquad_arcd.jsonl", 300_000)
+    en = _file_texts(en_dir / "wikitext2_test.txt", 300_000) + _file_texts(en_dir / "c4_demo_llamafactory.jsonl", 200_000)
+    before, after = _per_word(base, ar), _per_word(ext, ar)
+    print(f"\nArabic tokens/word {before:.3f} -> {after:.3f} ({before / after:.2f}x fewer); English "
+          f"{_per_word(base, en):.3f} -> {_per_word(ext, en):.3f}")
+    assert before / after >= 2.5
+    assert ext.encode_batch(en, add_special_tokens=True) == base.encode_batch(en, add_special_tokens=True)
+    assert all(ext.id_to_token(i) == base.id_to_token(i) for i in range(base.vocab_size))
+    assert ext.vocab_size == 40000 and all(ext.id_to_token(i) for i in range(32000, 40000))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "ext"))
+    mixed = [a[:60] + " <s> " + e[:60] + "</s>" for a, e in zip(ar, en)][:100]
+    sample = ar[:200] + en[:100] + mixed
+    assert [ext.encode(t, add_special_tokens=True) for t in sample] == [hf(t)["input_ids"] for t in sample]
+    assert all(ext.decode(ext.encode(t)) == t for t in ar[:200])
+
+
+# --- model config <-> tokenizer -----------------------------------------------------------------
+
+def test_saved_model_config_uses_the_tokenizer_ids(tok, tmp_path):
+    """A Llama preset (bos 1 / eos 2) trained with a dhad BPE (everything <|endoftext|> = 0) is saved with the
+    tokenizer's ids, and a directory whose config disagrees warns once, naming both values."""
+    import warnings
+
+    import dhad
+    from dhad.config import Config
+    from dhad.model import Transformer
+
+    model = Transformer(Config.from_name("tiny-llama", vocab_size=tok.vocab_size, block_size=32)).init_weights(0)
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (1, 2)
+    out = dhad.save_model(model, tmp_path / "m", tokenizer=tok)
+    cfg = json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 0, 0) == \
+        (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dhad.load_model(out)  # consistent: no warning
+    cfg["eos_token_id"] = 2
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match=r"config eos_token_id = 2 but the tokenizer's eos_token is id 0 \('<\|endoftext\|>'\)"):
+        dhad.load_model(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dhad.load_model(out)  # once
+
+
+# --- one encoding: server == generate == SFT ----------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sentencepiece-llama2", "bpe-jais"])
+def test_server_generate_and_sft_send_the_same_ids(kind, tmp_path, monkeypatch):
+    """For one conversation the served prompt (`dhad serve`'s backend), `dhad.generate` and the prompt part of
+    the SFT example are the same ids, = encode(render(messages)); raw prompts get the tokenizer's BOS."""
+    import dhad
+    import dhad.generate as G
+    from dhad.config import Config
+    from dhad.data.encoder import Encoder
+    from dhad.data.sft import encode_conversation
+    from dhad.model import Transformer
+    from dhad.prompts import get_format, render
+    from dhad.serve.backend import load_backend
+
+    if kind == "sentencepiece-llama2":
+        t = train_sentencepiece((AR + EN) * 20, 500, chat_template="llama2")
+        preset, answer_as_served = "tiny-llama", False
+    else:
+        t = train_bpe((AR + EN) * 20, 600, min_frequency=1, chat_template="jais")
+        preset, answer_as_served = "tiny-jais", True  # Jais SFT follows the served generation prompt
+    model = Transformer(Config.from_name(preset, vocab_size=t.vocab_size, block_size=256)).init_weights(0)
+    d = dhad.save_model(model, tmp_path / "m", tokenizer=t)
+    msgs = [{"role": "system", "content": "أجب باختصار."}, {"role": "user", "content": "  ما هي عاصمة الإمارات؟ "}]
+    fmt = get_format(d)
+    tok = dhad.load_tokenizer(d)
+    want = tok.encode(render(msgs, fmt, add_generation_prompt=True))
+    if kind == "sentencepiece-llama2":
+        assert want[0] == tok.bos_token_id and want.count(tok.bos_token_id) == 1  # "<s>" in the text: one id
+    served = load_backend(d).chat_prompt(msgs)
+    seen = []
+    real = G.generate_ids
+    monkeypatch.setattr(G, "generate_ids", lambda m, ids, *a, **k: seen.append(list(ids[0])) or real(m, ids, *a, **k))
+    G.generate_text(model, tok, msgs, max_new_tokens=1)
+    ex = encode_conversation(Encoder(d), msgs + [{"role": "assistant", "content": "أبوظبي"}], fmt,
+                             answer_as_served=answer_as_served)
+    sft_prompt = ex.ids[:ex.mask.index(1)]
+    assert served == seen[0] == sft_prompt == want
+    # a raw prompt (completions, `dhad generate` without --chat): BOS exactly where the tokenizer adds one
+    raw = "كتب الطالب"
+    G.generate_text(model, tok, raw, max_new_tokens=1)
+    assert seen[1] == load_backend(d).encode(raw, add_special_tokens=True) == tok.encode(raw, add_special_tokens=True)
+    assert (seen[1][0] == tok.bos_token_id) == (kind == "sentencepiece-llama2")

@@ -155,6 +155,83 @@ def test_resume_gives_the_uninterrupted_loss_sequence(corpus, tmp_path):
         train(parse_recipe(_recipe(**kw)), run_dir=tmp_path / "part", data_root=corpus, progress=False)
 
 
+def _step_records(run_dir):
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["event"] == "step"], recs
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_one_before(corpus, tmp_path, capsys):
+    """The newest checkpoint's DCP shard is garbage: resume warns naming the file, sets that checkpoint
+    aside (.corrupt-step_N, kept) and continues from the one before -- the same losses as an
+    uninterrupted run, each step once in metrics.jsonl."""
+    kw = dict(schedule={"warmup_steps": 2, "total_steps": 8, "min_lr": 1e-3}, checkpoint_every=2)
+    full = train(parse_recipe(_recipe(**kw)), run_dir=tmp_path / "full", data_root=corpus, progress=False,
+                 save_final=False)
+    part = train(parse_recipe(_recipe(**kw)), run_dir=tmp_path / "part", data_root=corpus, stop_at=6, progress=False)
+    cks = tmp_path / "part" / "checkpoints"
+    assert sorted(p.name for p in cks.glob("step_*")) == ["step_00000004", "step_00000006"]
+    shard = next((cks / "step_00000006" / "train_state").glob("*.distcp"))
+    shard.write_bytes(b"\x00garbage" * 100)
+    capsys.readouterr()
+    rest = train(parse_recipe(_recipe(**kw)), run_dir=tmp_path / "part", data_root=corpus, resume=True,
+                 progress=False, save_final=False)
+    out = capsys.readouterr().out
+    assert "warning: cannot resume from" in out and "step_00000006/train_state: cannot read" in out
+    assert "moved it to .corrupt-step_00000006" in out
+    assert (cks / ".corrupt-step_00000006" / "train_state" / shard.name).read_bytes() == b"\x00garbage" * 100
+    assert [s for s, _ in rest.losses] == [5, 6, 7, 8]
+    assert part.losses[:4] + rest.losses == full.losses  # bit for bit
+    steps, _ = _step_records(tmp_path / "part")
+    assert [r["step"] for r in steps] == list(range(1, 9))
+
+
+def test_unreadable_or_foreign_checkpoints_name_the_file(corpus, tmp_path, capsys):
+    """Only checkpoint has a garbage RNG file: `dhad train --resume` exits 2 naming rng/rank_00000.json,
+    with a hint and no traceback. A readable checkpoint of another model is an error, not set aside."""
+    from dhad.cli import main as dhad_main
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(schedule={"warmup_steps": 1, "total_steps": 4, "min_lr": 1e-3})))
+    train(recipe, run_dir=tmp_path / "run", data_root=corpus, stop_at=2, progress=False)
+    ck = tmp_path / "run" / "checkpoints" / "step_00000002"
+    rng = ck / "rng" / "rank_00000.json"
+    good = rng.read_text()
+    rng.write_text('{"torch": "not base64", "python": "(1, 2)"}')
+    capsys.readouterr()
+    args = ["train", "--recipe", str(recipe), "--data", str(corpus), "--out", str(tmp_path / "run"), "--resume",
+            "--no-progress"]
+    assert dhad_main(args) == 2
+    err = capsys.readouterr().err
+    assert "step_00000002/rng/rank_00000.json: not a saved RNG state" in err
+    assert "no readable checkpoint" in err and "start a new run" in err and "Traceback" not in err
+    aside = ck.with_name(".corrupt-step_00000002")
+    assert (aside / "rng" / "rank_00000.json").is_file() and not ck.exists()
+    aside.rename(ck)
+    rng.write_text(good)
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(_recipe(model={"preset": "tiny-llama"},
+                                            schedule={"warmup_steps": 1, "total_steps": 4, "min_lr": 1e-3})))
+    with pytest.raises(TrainError, match=r"step_00000002 was saved for another model \(.*saved vs .* here\)"):
+        train(other, run_dir=tmp_path / "run", data_root=corpus, resume=True, progress=False)
+    assert ck.is_dir()  # a foreign checkpoint is not corrupt: left where it was
+    res = train(recipe, run_dir=tmp_path / "run", data_root=corpus, resume=True, progress=False, save_final=False)
+    assert [s for s, _ in res.losses] == [3, 4]
+
+
+def test_a_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(corpus, tmp_path):
+    """A run killed before its first checkpoint leaves metrics.jsonl but nothing to resume: the rerun
+    starts over, and its metrics hold one start event and each step once."""
+    import shutil
+    kw = dict(schedule={"warmup_steps": 1, "total_steps": 4, "min_lr": 1e-3})
+    train(parse_recipe(_recipe(**kw)), run_dir=tmp_path / "run", data_root=corpus, stop_at=2, progress=False)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed (SIGKILL) before any checkpoint
+    res = train(parse_recipe(_recipe(**kw)), run_dir=tmp_path / "run", data_root=corpus, progress=False,
+                save_final=False)
+    steps, recs = _step_records(tmp_path / "run")
+    assert [r["event"] for r in recs].count("start") == 1
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [(r["step"], r["loss"]) for r in steps] == res.losses
+
+
 def test_eval_sequences_make_val_loss_independent_of_micro_batch(corpus, tmp_path):
     """eval_sequences fixes the validation set, so runs with other micro batch sizes (same global
     batch) report the same val_loss; eval_batches alone scales the set with the micro batch."""

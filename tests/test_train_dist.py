@@ -1,7 +1,7 @@
 """Many processes: `torchrun` with 2 CPU processes (gloo) and DDP or FSDP2 gives the losses of the
-1-process run with the same global batch; a sharded FSDP checkpoint resumes on 1 process and continues
-the same run. The recipe switches from a frozen backbone to full training mid-run (adapt), so DDP's
-rebuild and FSDP2's per-step requires_grad are covered too."""
+1-process run with the same global batch; a checkpoint of any strategy (1 process, DDP, sharded FSDP)
+resumes under any other and continues the same run. The recipe switches from a frozen backbone to full
+training mid-run (adapt), so DDP's rebuild and FSDP2's per-step requires_grad are covered too."""
 from __future__ import annotations
 
 import json
@@ -84,20 +84,66 @@ def test_ddp_two_processes_equal_one_process(setup):
         torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3)  # into up to lr per step (1e-2)
 
 
-def test_fsdp_two_processes_equal_one_process_and_resume_on_one(setup):
-    root, path, ref = setup
-    recs = _torchrun(root, path, root / "fsdp", "--set", "distributed=fsdp", "--stop-at", "3")
-    start = next(r for r in recs if r["event"] == "start")
-    assert start["world_size"] == 2 and start["strategy"] == "fsdp"
-    _close(_losses(recs), ref.losses[:3])
-    # the sharded checkpoint (2 DCP shards) continues on a single process, same stream, same losses
-    ck = root / "fsdp" / "checkpoints" / "step_00000003" / "train_state"
-    assert len(list(ck.glob("*.distcp"))) == 2
-    rest = train(path, run_dir=root / "fsdp", data_root=root, resume=True, progress=False)
-    _close(rest.losses, ref.losses[3:])
-    assert rest.mixture == ref.mixture
-    for k, v in ref.model.state_dict().items():
-        torch.testing.assert_close(rest.model.state_dict()[k], v, rtol=1e-2, atol=1e-3)
+# Several `train(..., resume=True)` calls in one 2-process launch (the process group is the driver's):
+# one launch per pair of segments instead of one per segment.
+DRIVER = """
+import sys
+from pathlib import Path
+import torch.distributed as dist
+from dhad.train.loop import train
+dist.init_process_group("gloo")
+recipe, data, out, *segments = sys.argv[1:]
+for seg in segments:  # STRATEGY:STOP_AT (STOP_AT 0: to the end)
+    strategy, stop = seg.split(":")
+    train(recipe, resume=(Path(out) / "checkpoints").is_dir(), run_dir=out, data_root=data,
+          stop_at=int(stop) or None, progress=False, overrides=[f"distributed={strategy}"])
+dist.destroy_process_group()
+"""
+
+
+def _torchrun_segments(root, path, out, *segments):
+    driver = root / "resume_driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver),
+           str(path), str(root), str(out), *segments]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_resume_across_strategies_in_every_direction(setup):
+    """One run of 7 steps, each under another strategy: FSDP -> DDP -> FSDP -> 1 process -> DDP ->
+    1 process -> FSDP, so every kind of checkpoint resumes under every other (all six directions),
+    with the defaults' AdamW kernels (foreach on FSDP's DTensors, fused on plain tensors: the saved
+    optimizer settings must not carry the saving run's kernel over) and the adapt stage switch in the
+    middle. The losses are the uninterrupted 1-process run's to 1e-6 (fp32)."""
+    root, path, _ = setup
+    recipe = yaml.safe_load(path.read_text())
+    recipe["optimizer"].pop("fused")
+    recipe["stages"][1]["tokens"] = 5 * 8 * 32  # 2 + 5 steps
+    p = root / "matrix.yaml"
+    p.write_text(yaml.safe_dump(recipe))
+    ref = train(p, run_dir=root / "matrix-ref", data_root=root, progress=False)
+    out = root / "matrix"
+    _torchrun_segments(root, p, out, "fsdp:1", "ddp:2", "fsdp:3")  # FSDP -> DDP -> FSDP (stage 2 from step 3)
+    shards = list((out / "checkpoints" / "step_00000003" / "train_state").glob("*.distcp"))
+    assert len(shards) == 2 and all(f.stat().st_size > 0 for f in shards)  # each rank wrote its shard
+    train(p, run_dir=out, data_root=root, resume=True, stop_at=4, progress=False)  # FSDP -> 1
+    _torchrun_segments(root, p, out, "ddp:5")  # 1 -> DDP
+    train(p, run_dir=out, data_root=root, resume=True, stop_at=6, progress=False)  # DDP -> 1
+    _torchrun_segments(root, p, out, "fsdp:0")  # 1 -> FSDP, to the end
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    runs = [(r["step"], r["world_size"], r["strategy"]) for r in recs if r["event"] in ("start", "resume")]
+    assert runs == [(0, 2, "fsdp"), (1, 2, "ddp"), (2, 2, "fsdp"), (3, 1, "none"), (4, 2, "ddp"),
+                    (5, 1, "none"), (6, 2, "fsdp")]
+    got = _losses(recs)
+    assert [s for s, _ in got] == [s for s, _ in ref.losses] == list(range(1, 8))
+    np.testing.assert_allclose([x for _, x in got], [x for _, x in ref.losses], rtol=1e-6, atol=0)
+    mix = json.loads((out / "mixture.json").read_text())
+    assert mix["step"] == 7 and mix["stages"] == ref.mixture
+    a, b = load_file(out / "model" / "model.safetensors"), load_file(ref.model_dir / "model.safetensors")
+    for k in b:  # see test_ddp_two_processes_equal_one_process for why weights get a looser bound
+        torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("source", ["preset", "init_from"])

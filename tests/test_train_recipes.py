@@ -3,6 +3,7 @@ are what the recipes say, bad recipes fail with errors that name the field."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,32 @@ def test_shipped_recipe_validates_and_plans(path):
     if path.stem.startswith("tiny-"):  # a tiny preset, or the output of another tiny recipe
         assert r.model.preset in ("tiny-jais", "tiny-llama") or r.model.init_from.startswith("runs/tiny-")
         assert plan.total_steps <= 200 and max(s.seq_len for s in plan.segments) <= 256
+
+
+def _recipe_params(path, r) -> float:
+    """Parameters of the model a shipped recipe trains: its preset's, or (init_from a directory that
+    exists only where it trains) those of the preset that the recipe's or the directory's name starts
+    with (jais-adapted-70b-adapt -> jais-adapted-70b, models/allam-2-7b-sft -> allam-2-7b)."""
+    from dhad.config import PRESETS
+    if r.model.preset:
+        return Config.from_name(r.model.preset).num_params()
+    if path.stem.startswith("tiny-"):
+        return 0  # the output of another tiny recipe
+    names = [p for p in PRESETS for n in (path.stem, Path(r.model.init_from).name) if n.startswith(p + "-")]
+    assert names, f"{path.stem}: which model does it train?"
+    return Config.from_name(max(names, key=len)).num_params()
+
+
+def test_large_recipes_build_on_the_meta_device():
+    """From 30B parameters (120 GB of fp32 weights) a whole model per process does not fit a GPU host:
+    the shipped recipes that big build on the meta device and fill each rank's shards (docs/training.md)."""
+    big = {p.stem for p in SHIPPED if _recipe_params(p, load_recipe(p)) >= 30e9}
+    assert big == {"jais-family-30b-16k-pretrain", "jais-adapted-70b-adapt", "jais-adapted-70b-chat-sft"}
+    for p in SHIPPED:
+        r = load_recipe(p)
+        assert r.model.meta_init == (p.stem in big), p.stem
+        if r.model.meta_init:
+            assert r.distributed == "fsdp"
 
 
 def test_jais_adapted_70b_chat_sft_has_the_cards_numbers():
@@ -105,6 +132,11 @@ def test_parse_tokens(value, expected):
     ({"schedule": {}}, r"schedule\.total_steps: needed unless the last stage has a token budget"),
     ({"context": [{"seq_len": 8}, {"seq_len": 16}]}, r"context\[0\]: every phase but the last needs"),
     ({"type": "adapt"}, r"adapt: needs stages"),
+    ({"batch": {"micro_batch_size": 2, "global_batch_size": 0, "seq_len": 8}}, r"batch\.global_batch_size: must be >= 1, got 0"),
+    ({"context": [{"seq_len": 8, "until_step": 4, "global_batch_size": 0}, {"seq_len": 16}]},
+     r"context\[0\]\.global_batch_size: must be >= 1, got 0"),
+    ({"context": [{"seq_len": 8, "micro_batch_size": 0}]}, r"context\[0\]\.micro_batch_size: must be >= 1, got 0"),
+    ({"lr": 0.1}, r"^bad\.yaml: unknown top-level key\(s\) \['lr'\]; allowed: \['batch'"),
 ])
 def test_bad_recipes_name_the_field(patch, match):
     d = {"type": "pretrain", "model": {"preset": "tiny-jais"}, "data": {"sources": {"en": "shards/en"}},
@@ -172,6 +204,9 @@ def test_cli_check_prints_the_plan_and_bad_recipes_exit_2(capsys, tmp_path):
     assert main(["train", "--recipe", "tiny-allam-2-pretrain", "--check"]) == 0
     out = capsys.readouterr().out
     assert "stage english " in out and "stage english-arabic" in out and "103 steps" in out
+    assert main(["train", "--recipe", "tiny-jais-family-pretrain", "--check"]) == 0  # a context schedule
+    out = capsys.readouterr().out
+    assert "tokens (1 process)" in out and "seq_len    128" in out and "from shards" not in out
     assert main(["train", "--recipe", "no-such-recipe"]) == 2
     assert "recipe not found: no-such-recipe" in capsys.readouterr().err
     bad = tmp_path / "r.yaml"
@@ -184,3 +219,11 @@ def test_measured_peak_is_a_matmul_rate():
     from dhad.train.metrics import measure_peak_flops
     f = measure_peak_flops("cpu", torch.float32, n=256, seconds=0.05)
     assert 1e8 < f < 1e14  # between 0.1 GFLOP/s and 100 TFLOP/s on any CPU
+
+
+def test_bad_model_overrides_name_the_field():
+    from dhad.train.loop import build_model
+    r = parse_recipe({"type": "pretrain", "model": {"preset": "tiny-jais", "overrides": {"block_size": -1}},
+                      "data": {"sources": {"en": "x"}}, "schedule": {"total_steps": 2}, "batch": {"seq_len": 8}})
+    with pytest.raises(RecipeError, match=r"model\.overrides: config\.block_size: must be a positive integer, got -1"):
+        build_model(r)

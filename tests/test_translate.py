@@ -513,8 +513,15 @@ def test_backend_reports_malformed_and_gives_up(tmp_path):
     from dhad.synth.backends import RequestFailed
     with FakeOpenAI(faults=lambda key, attempt: "malformed_json" if attempt % 2 else "malformed_shape") as srv:
         be = client(srv.url, model="m", max_retries=2)
+
+        async def ask():
+            try:
+                return await be.chat([{"role": "user", "content": "hi"}], GenParams(max_tokens=4))
+            finally:
+                await be.end_loop()  # close the HTTP client: a kept-alive connection would hold the server's thread
+
         with pytest.raises(RequestFailed, match="gave up after 3 attempts.*malformed"):
-            asyncio.run(be.chat([{"role": "user", "content": "hi"}], GenParams(max_tokens=4)))
+            asyncio.run(ask())
     assert be.stats.errors == {"malformed": 3} and be.stats.failed == 1 and be.stats.retries == 2
     assert srv.injected == {"malformed": 3}
 

@@ -72,7 +72,7 @@ def run(args) -> int:
             text = generate_text(model, tok, messages, fmt=args.format, params=params, compile=args.compile)
             n_new = None
         else:
-            ids = tok.encode(prompt)
+            ids = tok.encode(prompt, add_special_tokens=True)  # a raw prompt: BOS where the tokenizer adds one
             new = generate_ids(model, [ids], params, tokenizer=tok, compile=args.compile)[0]
             text = tok.decode(new, skip_special_tokens=True)
             n_new = len(new)

@@ -12,22 +12,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_info(model: str) -> dict:
-    from dhad.checkpoint import load_config, memory_needed
-    from dhad.cli import CLIError
+    """The facts `dhad info` prints. A directory must hold a valid config.json and safetensors weights:
+    ConfigError / CheckpointError (ValueError for a name that is neither) otherwise."""
+    from dhad.checkpoint import load_config, memory_needed, weight_files
     from dhad.config import PRESETS, Config
 
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise CLIError(f"{path} has no config.json: not a model directory")
+            raise ValueError(f"{path} has no config.json: not a model directory")
         cfg = load_config(path)
         stored = json.loads((path / "config.json").read_text(encoding="utf-8")).get("torch_dtype", "float32")
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        disk = sum((path / f).stat().st_size for f in files)
+        files = weight_files(path)
+        disk = sum(f.stat().st_size for f in files)
+        files = [f.relative_to(path).as_posix() for f in files]
     elif model in PRESETS:
         cfg, stored, files, disk = Config.from_name(model), "float32", [], 0
     else:
-        raise CLIError(f"{model!r} is neither a model directory nor a preset ({', '.join(sorted(PRESETS))})")
+        raise ValueError(f"{model!r} is neither a model directory nor a preset ({', '.join(sorted(PRESETS))})")
     n = cfg.num_params()
     return {
         "model": model, "layout": cfg.hf_layout, "vocab_size": cfg.vocab_size, "n_layer": cfg.n_layer,
@@ -45,7 +47,12 @@ def model_info(model: str) -> dict:
 
 
 def run(args) -> int:
-    info = model_info(args.model)
+    from dhad.checkpoint import CheckpointError
+    from dhad.cli import CLIError
+    try:
+        info = model_info(args.model)
+    except (ValueError, CheckpointError) as e:  # ConfigError is a ValueError
+        raise CLIError(str(e)) from None
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

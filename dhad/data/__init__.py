@@ -6,6 +6,7 @@
     filters.py  Gopher/Jais-style quality rules (length, script, symbols, repetition, stop words)
     dedup.py    exact + MinHash-LSH near-duplicate removal
     encoder.py  the tokenizer as the pipeline uses it (piecewise encoding for exact chat loss masks)
+    sample.py   sampling a corpus folder by characters (equal shares per file, held-out documents)
     steps.py    the pretraining pipeline as datatrove pipeline steps (read, clean, filter, tokenize, MinHash
                 stages, merge into shards + report)
     prepare.py  `dhad data prepare`: plans the inputs, builds the stages on datatrove's local / Slurm / Ray

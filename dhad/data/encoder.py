@@ -1,18 +1,20 @@
-"""The tokenizer as the data pipeline sees it: plain-text encoding for pretraining and piecewise encoding
-of rendered chat segments (exact loss masks) for SFT / preference data.
+"""The tokenizer as the data pipeline sees it: documents for pretraining, and piecewise encoding of
+rendered chat segments (exact loss masks) for SFT / preference data. Every id comes from the one
+`Tokenizer.encode` (dhad.tokenizer.core), the same call that serving, generation and evaluation make.
 
-Why piecewise: ``render_segments`` (dhad.prompts) cuts a conversation into ``(text, is_loss)`` pieces. We
-encode each piece on its own and concatenate, so every token belongs to exactly one piece and the mask
-is exact by construction — no character-offset bookkeeping, no token straddling a prompt/answer boundary.
-The price: a merge across a piece boundary never happens (e.g. "[|AI|]" + " answer" is never one token).
-That is the same convention as training-time generation: the prompt is encoded, then the model emits the
-answer's tokens after it, so the piecewise ids are exactly what the model sees at inference.
+Documents are encoded with `add_special_tokens=True`: a tokenizer that adds BOS (Llama, ALLaM, Llama-3's
+post-processor) starts every document with it, as every prompt the model is later served starts with it;
+Jais-style tokenizers add nothing. The shard writer then ends each document with EOS.
 
-SentencePiece tokenizers (ALLaM / Jais-adapted) prepend a dummy "▁" to every encode call; pieces after the
-first are therefore encoded behind a newline sentinel ("\\n" is a byte-fallback token that never merges)
-and the sentinel's tokens removed, so "answer" after a prompt is not encoded as if it began a text.
-They also do not parse special tokens inside text ("<s>", "</s>" in Llama-2 prompts): those strings are
-split out here and mapped to their ids. HF tokenizer.json tokenizers parse added special tokens natively.
+Why piecewise for chat: ``render_segments`` (dhad.prompts) cuts a conversation into ``(text, is_loss)``
+pieces. We encode each piece on its own and concatenate, so every token belongs to exactly one piece
+and the mask is exact by construction -- no character-offset bookkeeping, no token straddling a
+prompt/answer boundary. The first piece is `encode(text)` of the rendered prompt, exactly what the
+server and `dhad generate` send for the same conversation (special-token strings such as ``<s>`` or
+``<|im_start|>`` in it are one id each); later pieces are continuations (no dummy-prefix ``▁`` for
+SentencePiece-style tokenizers). The price: a merge across a piece boundary never happens (e.g.
+"[|AI|]" + " answer" is never one token) -- the same convention as generation, where the prompt is
+encoded and the model then emits the answer's tokens after it.
 """
 from __future__ import annotations
 
@@ -42,22 +44,7 @@ class Encoder:
     @cached_property
     def special_strings(self) -> dict[str, int]:
         """Text form -> id of every special token (documents must not smuggle these in as text)."""
-        out = {}
-        if self.kind == "bpe":
-            for i, t in self.tok.backend.get_added_tokens_decoder().items():
-                if t.special and t.content:
-                    out[t.content] = int(i)
-        else:
-            sp = self.tok.backend
-            for i in range(sp.get_piece_size()):
-                if sp.is_control(i) or sp.is_unknown(i):
-                    out[sp.id_to_piece(i)] = i
-            for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-                v = self.tok.config.get(key)
-                v = v.get("content") if isinstance(v, dict) else v
-                if isinstance(v, str) and v and self.tok.token_to_id(v) is not None:
-                    out[v] = int(self.tok.token_to_id(v))
-        return out
+        return self.tok.special_strings
 
     @cached_property
     def _special_re(self):
@@ -74,45 +61,17 @@ class Encoder:
 
     # -- encoding ----------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False))
+        """A document's ids (BOS/EOS as the tokenizer adds them; the shard writer appends EOS)."""
+        return self.tok.encode(text, add_special_tokens=True)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [list(x) for x in self.tok.encode_batch(texts, add_special_tokens=False)]
-
-    def _encode_piece(self, text: str, first: bool) -> list[int]:
-        if self.kind == "bpe":
-            return self.encode(text)
-        # SentencePiece: split out special strings, and avoid the dummy prefix on non-initial text.
-        ids: list[int] = []
-        parts = self._special_re.split(text) if self._special_re is not None else [text]
-        for k, part in enumerate(parts):
-            if not part:
-                continue
-            if part in self.special_strings and k % 2 == 1:
-                ids.append(self.special_strings[part])
-                continue
-            if first and not ids:
-                ids += self.encode(part)
-            else:
-                ids += self._encode_continuation(part)
-        return ids
-
-    @cached_property
-    def _sentinel(self) -> list[int]:
-        return self.encode("\n")
-
-    def _encode_continuation(self, text: str) -> list[int]:
-        full = self.encode("\n" + text)
-        s = self._sentinel
-        if full[: len(s)] == s:
-            return full[len(s):]
-        return self.encode(text)  # tokenizer merged the sentinel: fall back (documented limitation)
+        """`encode` of many documents (parallel in Rust)."""
+        return self.tok.encode_batch(texts, add_special_tokens=True)
 
     def encode_pieces(self, texts: list[str], first: bool = True) -> list[list[int]]:
-        """Encode each text on its own (one Rust batch call for tokenizer.json tokenizers)."""
-        if self.kind == "bpe":
-            return self.encode_batch(texts) if texts else []
-        return [self._encode_piece(t, first=first and j == 0) for j, t in enumerate(texts)]
+        """Encode consecutive pieces of one rendered text (`Tokenizer.encode_pieces`; no BOS added: a
+        rendered chat carries its own)."""
+        return self.tok.encode_pieces(texts, first=first)
 
     def encode_segments(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
         """(ids, mask) for rendered chat pieces: mask 1 on tokens of ``is_loss`` pieces."""

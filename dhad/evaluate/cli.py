@@ -7,6 +7,7 @@
     dhad eval mt-bench answer --endpoint http://host:8000/v1 --served-model NAME --out runs/mt
     dhad eval mt-bench judge --answers runs/mt --judge-endpoint URL --judge-model gpt-4 --out runs/mt
     dhad eval mt-bench judge --mode pairwise --answers runs/mt --baseline runs/base ...
+    dhad eval vicuna --model DIR --baseline-answers runs/b --judge-endpoint URL --judge-model gpt-4 --out runs/v
 """
 from __future__ import annotations
 
@@ -23,15 +24,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N rows per (sub)task")
     p.add_argument("--data", default=None, help="data directory (default $DHAD_DATA_DIR)")
     p.add_argument("--hub", action="store_true", help="read the datasets from the Hugging Face Hub (needs network)")
+    p.add_argument("--task-file", action="append", default=[], metavar="TASK=FILE",
+                   help="your own data file for a task whose data is not public (crows_pairs_ar, siqa_ar, "
+                        "*_jais, ...; repeatable)")
+    p.add_argument("--download", action="store_true",
+                   help="treat --model as a Hugging Face repo id and download it (needs network)")
     p.add_argument("--out", default=None, help="write results.json, samples.jsonl and results.md here")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-tokens", type=int, default=16384, help="token budget of one forward pass")
     p.add_argument("--max-rows", type=int, default=64, help="rows of one forward pass")
     p.add_argument("--list", action="store_true", help="list the tasks and exit")
-    sub = p.add_subparsers(dest="action", metavar="{table,mt-bench,compare}")
-    t = sub.add_parser("table", help="Markdown tables (cards' layout) from saved results")
-    t.add_argument("results", nargs="+", help="results.json files or the directories holding them")
+    sub = p.add_subparsers(dest="action", metavar="{table,mt-bench,vicuna,compare}")
+    t = sub.add_parser("table", help="the cards' tables (Markdown + PNG bar chart) from saved results")
+    t.add_argument("results", nargs="+", help="results.json files or the directories holding them "
+                                              "(runs of one model, e.g. 0- and 5-shot, fill one row)")
+    t.add_argument("--card", default="jais-ar,jais-en,allam",
+                   help="which tables: jais-ar, jais-en, allam (comma-separated; default all)")
+    t.add_argument("--out", dest="table_out", default=None, help="write tables.md and tables.png here")
     mt = sub.add_parser("mt-bench", help="MT-bench answers and judging")
     mts = mt.add_subparsers(dest="mt_action", metavar="{answer,judge}")
     a = mts.add_parser("answer", help="two-turn answers to the 80 questions")
@@ -58,6 +68,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--parallel", type=int, default=1)
     j.add_argument("--data", dest="mt_data", default=None)
     j.add_argument("--out", dest="mt_out", required=True)
+    v = sub.add_parser("vicuna", help="Vicuna-80 pairwise win rate (Arabic and English), judged both ways round")
+    for prefix, who in (("", "the model"), ("baseline-", "its opponent")):
+        d = "v_" + prefix.replace("-", "_")
+        g = v.add_argument_group(f"{who} (one of)")
+        g.add_argument(f"--{prefix}model", dest=d + "model", metavar="DIR", help=f"{who}: dhad model directory (local generation)")
+        g.add_argument(f"--{prefix}answers", dest=d + "answers", metavar="PATH",
+                       help=f"{who}: saved answers (FastChat answer JSONL, or a directory with answers_<lang>.jsonl)")
+        g.add_argument(f"--{prefix}endpoint", dest=d + "endpoint", metavar="URL", help=f"{who}: OpenAI-compatible base URL (…/v1)")
+        g.add_argument(f"--{prefix}served-model", dest=d + "served_model", metavar="NAME", help="model name at that endpoint")
+        g.add_argument(f"--{prefix}name", dest=d + "name", metavar="NAME", help="name in the results (default: directory / served name)")
+    v.add_argument("--judge-endpoint", dest="v_judge_endpoint", metavar="URL", required=True, help="OpenAI-compatible judge (…/v1)")
+    v.add_argument("--judge-model", dest="v_judge_model", metavar="NAME", required=True, help="e.g. gpt-4-0613 (the Jais team's)")
+    v.add_argument("--judge-prompts", dest="v_judge_prompts", choices=["jais", "pair-v2"], default="jais",
+                   help="jais: gpt4_prompts.json 0-10 scores (default); pair-v2: FastChat's [[A]]/[[B]]/[[C]]")
+    v.add_argument("--questions", dest="v_questions", choices=["jais", "acegpt"], default="jais",
+                   help="jais: the Jais team's En/Ar file (default); acegpt: FastChat English + AceGPT Arabic")
+    v.add_argument("--lang", dest="v_lang", metavar="LANGS", default="ar,en")
+    v.add_argument("--limit", dest="v_limit", metavar="N", type=int, default=None, help="first N questions (smoke runs)")
+    v.add_argument("--parallel", dest="v_parallel", metavar="N", type=int, default=4, help="concurrent judge requests")
+    v.add_argument("--retries", dest="v_retries", metavar="N", type=int, default=3, help="judge retries before an error is counted")
+    v.add_argument("--backoff", dest="v_backoff", metavar="S", type=float, default=1.0,
+                   help="first retry wait in seconds, doubling")
+    v.add_argument("--timeout", dest="v_timeout", metavar="S", type=float, default=600.0, help="seconds per judge request")
+    v.add_argument("--judge-max-tokens", dest="v_judge_max_tokens", metavar="N", type=int, default=2048)
+    v.add_argument("--judge-temperature", dest="v_judge_temperature", metavar="T", type=float, default=None,
+                   help="default: 0.2 for jais (its GPT-4 setting), 0 for pair-v2")
+    v.add_argument("--max-new-tokens", dest="v_max_new_tokens", metavar="N", type=int, default=1024, help="answer length")
+    v.add_argument("--system", dest="v_system", metavar="TEXT", default=None, help="system prompt for generated answers")
+    v.add_argument("--api-key-env", dest="v_api_key_env", metavar="VAR", default=None, help="variable holding the endpoints' API key")
+    v.add_argument("--download", dest="v_download", action="store_true", help="--model values are Hub repo ids")
+    v.add_argument("--data", dest="v_data", metavar="DIR", default=None)
+    v.add_argument("--out", dest="v_out", metavar="DIR", required=True, help="answers, judgments.jsonl, vicuna.json/.md/.png; resumed")
     from dhad.evaluate import compare
     compare.add_arguments(sub.add_parser(
         "compare", help="an aligned (DPO) model vs its SFT parent: MT-bench pairwise judge + held-out preference accuracy"))
@@ -73,6 +115,8 @@ def run(args) -> int:
             return _list()
         if args.action == "table":
             return _table(args)
+        if args.action == "vicuna":
+            return _vicuna(args)
         if args.action == "compare":
             from dhad.evaluate import compare
             return compare.run(args)
@@ -92,23 +136,37 @@ def _list() -> int:
 
     for name, t in T.TASKS.items():
         shots = "0-shot only" if t.max_shots == 0 else f"shots from {t.fewshot_split or t.eval_split} ({t.sampler})"
-        print(f"{name:24s} {t.lang}  {', '.join(t.metrics):14s} {shots:28s} {t.harness}")
+        print(f"{name:40s} {t.lang}  {', '.join(t.metrics):30s} {shots:28s} {t.harness}")
     print("groups: " + "; ".join(f"{g} = {','.join(v)}" for g, v in T.GROUPS.items() if g != "all"))
     return 0
 
 
-def _load(model_dir, dtype, device):
+def _load(model_dir, dtype, device, download: bool = False):
     import dhad
+    from dhad.checkpoint import resolve_model_dir
     from dhad.cli import CLIError
 
     if not model_dir:
         raise CLIError("--model DIR is required")
-    if not Path(model_dir).is_dir():
-        raise CLIError(f"model directory not found: {model_dir}")
+    if not download and not Path(model_dir).is_dir():
+        raise CLIError(f"model directory not found: {model_dir} (a Hugging Face repo id needs --download)")
     try:
+        model_dir = resolve_model_dir(model_dir, download=download)
         return dhad.load_model(model_dir, dtype=dtype, device=device), dhad.load_tokenizer(model_dir)
-    except Exception as e:  # noqa: BLE001 - a broken checkpoint is a user error here
+    except Exception as e:  # noqa: BLE001 - a broken checkpoint, an offline download: user errors here
         raise CLIError(f"could not load {model_dir}: {e}") from None
+
+
+def _task_files(specs: list[str]) -> dict[str, str]:
+    from dhad.cli import CLIError
+
+    out = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise CLIError(f"--task-file {spec!r}: expected TASK=FILE")
+        out[name.strip()] = path.strip()
+    return out
 
 
 def _loglik(args) -> int:
@@ -119,13 +177,16 @@ def _loglik(args) -> int:
     if not args.tasks:
         raise CLIError("--tasks is required (see dhad eval --list)")
     tasks = T.resolve_tasks(args.tasks)  # unknown names fail before the model loads
-    if not args.hub:
+    files = _task_files(args.task_file)
+    for name in files:
+        T.get_task(name)
+    if not args.hub and any(t.name not in files for t in tasks):
         T.resolve_data_dir(args.data)
-    model, tok = _load(args.model, args.dtype, args.device)
+    model, tok = _load(args.model, args.dtype, args.device, args.download)
     records: list = []
     res = runner.evaluate(model, tok, tasks, shots=args.shots, limit=args.limit, data_dir=args.data, hub=args.hub,
                           batch_tokens=args.batch_tokens, max_rows=args.max_rows, model_path=args.model,
-                          records=records)
+                          records=records, task_files=files)
     print(report.markdown_tables([res]))
     t = res["time"]
     print(f"{t['examples']} examples in {t['seconds']:.1f}s ({t['examples_per_s']:.2f} examples/s)")
@@ -141,7 +202,14 @@ def _loglik(args) -> int:
 def _table(args) -> int:
     from dhad.evaluate import report
 
-    print(report.markdown_tables([report.load_results(p) for p in args.results]))
+    results = [report.load_results(p) for p in args.results]
+    cards = _langs(args.card)
+    text = report.card_tables(results, cards)
+    print(text)
+    if args.table_out:
+        md = report.atomic_write_text(Path(args.table_out) / "tables.md", text)
+        png = report.plot_card_tables(results, Path(args.table_out) / "tables.png", cards)
+        print(f"wrote {md} and {png}")
     return 0
 
 
@@ -180,6 +248,49 @@ def _mt_answer(args) -> int:
         out = Path(args.mt_out) / f"answers_{lang}.jsonl"
         M.generate_answers(qs, chat, model_id, out, system=args.system)
         print(f"wrote {out}")
+    return 0
+
+
+def _vicuna(args) -> int:
+    from dhad.cli import CLIError
+    from dhad.evaluate import mtbench as M
+    from dhad.evaluate import vicuna as V
+
+    key = _api_key(args.v_api_key_env)
+    langs = _langs(args.v_lang)
+    for lang in langs:
+        if lang not in V.LANGS:
+            raise CLIError(f"--lang {lang!r}: Vicuna-80 has {', '.join(V.LANGS)}")
+    sides = []
+    for prefix, flag in (("v_", ""), ("v_baseline_", "baseline-")):
+        model, answers, endpoint = (getattr(args, prefix + k) for k in ("model", "answers", "endpoint"))
+        if sum(x is not None for x in (model, answers, endpoint)) != 1:
+            raise CLIError(f"give exactly one of --{flag}model, --{flag}answers, --{flag}endpoint")
+        name = getattr(args, prefix + "name")
+        if answers is not None:
+            files = [V.answer_file(answers, lang) for lang in langs]
+            for f in files:
+                if not f.is_file():
+                    raise CLIError(f"--{flag}answers: {f} not found")
+            sides.append(V.Side(name or _model_id(files[0]), answers=answers))
+        elif endpoint is not None:
+            served = getattr(args, prefix + "served_model")
+            if not served:
+                raise CLIError(f"--{flag}endpoint needs --{flag}served-model NAME")
+            client = M.ChatClient(endpoint, served, api_key=key, timeout=args.v_timeout)
+            sides.append(V.Side(name or served, chat=M.endpoint_chat_fn(client, args.v_max_new_tokens),
+                                system=args.v_system))
+        else:
+            m, tok = _load(model, "float32", "cpu", args.v_download)
+            sides.append(V.Side(name or Path(model).name, chat=M.local_chat_fn(m, tok, max_new_tokens=args.v_max_new_tokens),
+                                system=args.v_system))
+    judge = M.ChatClient(args.v_judge_endpoint, args.v_judge_model, api_key=key, timeout=args.v_timeout, retries=0)
+    s = V.run_vicuna(sides[0], sides[1], judge, args.v_out, data_dir=args.v_data, langs=langs,
+                     judge_prompts=args.v_judge_prompts, questions=args.v_questions, limit=args.v_limit,
+                     parallel=args.v_parallel, retries=args.v_retries, backoff=args.v_backoff, judge_temperature=args.v_judge_temperature,
+                     judge_max_tokens=args.v_judge_max_tokens)
+    print(V.vicuna_table([s]))
+    print(f"judge requests this run: {s['asked_this_run']}; wrote {args.v_out}/vicuna.json, vicuna.md, vicuna.png")
     return 0
 
 

@@ -13,12 +13,13 @@ Requests are served by dhad's `Scorer` (requests with the same context tokens fo
 the context runs once), `loglikelihood_rolling` uses the harness's own rolling windows, and `generate_until` decodes
 with `dhad.generate.generate_ids` (KV cache) and cuts at the stop strings like the `hf` backend.
 Model arguments: pretrained (or model), dtype, device, batch_size (rows per forward),
-batch_tokens, max_length.
+batch_tokens, max_length, download (True: `pretrained` is a Hugging Face repo id to fetch).
 """
 from __future__ import annotations
 
 import sys
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: an empty registry would hold only ours)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -27,7 +28,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 class DhadLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, dtype: str = "float32",
                  device: str | None = "cpu", batch_size: int | str | None = 64, max_batch_size: int | None = None,
-                 batch_tokens: int = 16384, max_length: int | None = None, max_gen_toks: int = 256, **kwargs):
+                 batch_tokens: int = 16384, max_length: int | None = None, max_gen_toks: int = 256,
+                 download: bool | str = False, **kwargs):
         super().__init__()
         import torch
 
@@ -45,8 +47,11 @@ class DhadLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError("dhad: pass model_args pretrained=DIR (a dhad / Hugging Face model directory)")
-            model = dhad.load_model(pretrained, dtype=dtype, device=device or "cpu")
-            tokenizer = tokenizer or dhad.load_tokenizer(pretrained)
+            from dhad.checkpoint import resolve_model_dir
+            # model_args download=True fetches a Hub repo id (the missing-directory error suggests it)
+            path = resolve_model_dir(pretrained, download=str(download).lower() in ("1", "true", "yes"))
+            model = dhad.load_model(path, dtype=dtype, device=device or "cpu")
+            tokenizer = tokenizer or dhad.load_tokenizer(path)
         elif tokenizer is None:
             raise ValueError("dhad: a model object needs tokenizer=")
         self.model, self.tokenizer = model, tokenizer

@@ -67,7 +67,8 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise MTBenchError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                from dhad.evaluate.tasks import json_error
+                raise MTBenchError(json_error(f"{path}:{i}", line, e)) from None
     return out
 
 
@@ -123,7 +124,7 @@ class ChatClient:
     """POST {base_url}/chat/completions. `base_url` like http://localhost:8000/v1."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 600.0,
-                 retries: int = 2):
+                 retries: int = 2, backoff: float = 1.0):
         import httpx
 
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -131,6 +132,7 @@ class ChatClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(timeout=timeout, headers=headers)
         self.retries = retries
+        self.backoff = backoff
 
     def chat(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 1024) -> str:
         import httpx
@@ -140,9 +142,9 @@ class ChatClient:
         for attempt in range(self.retries + 1):
             try:
                 r = self.http.post(self.url, json=body)
-                if r.status_code >= 500 and attempt < self.retries:
-                    last = f"HTTP {r.status_code}"
-                    time.sleep(1.0 * (attempt + 1))
+                if (r.status_code >= 500 or r.status_code == 429) and attempt < self.retries:
+                    last = f"HTTP {r.status_code}"  # overloaded or rate-limited: worth another try
+                    time.sleep(self.backoff * (attempt + 1))
                     continue
                 if r.status_code != 200:
                     raise MTBenchError(f"{self.url}: HTTP {r.status_code}: {r.text[:300]}")
@@ -150,7 +152,7 @@ class ChatClient:
             except httpx.HTTPError as e:
                 last = f"{type(e).__name__}: {e}"
                 if attempt < self.retries:
-                    time.sleep(1.0 * (attempt + 1))
+                    time.sleep(self.backoff * (attempt + 1))
             except (KeyError, IndexError, TypeError, ValueError) as e:
                 raise MTBenchError(f"{self.url}: unexpected response ({e})") from None
         raise MTBenchError(f"{self.url}: endpoint unreachable ({last})")

@@ -79,9 +79,22 @@ class Task:
     harness: str = ""                           # the lm-eval (or LightEval) task it reproduces
     hub: HubSpec | None = None
     note: str = ""
+    # per-row metrics from the choices' log-likelihoods, when not acc/acc_norm (CrowS-Pairs, Jais mc2)
+    process_results: Callable[[list[float], Example], dict] | None = None
+    primary: str | None = None                  # the metric a card's table shows (default: acc_norm, else acc)
+    # "lm-eval": the harness 0.4 encoding (`_encode_pair`, special tokens, empty context -> BOS/EOS);
+    # "v0.3": the Jais team's harness (lm-eval 0.3): context and continuation encoded separately
+    # without special tokens, an empty context is the EOS token
+    encoding: str = "lm-eval"
+    file_reader: Callable[[Path], dict[str, list[Doc]]] | None = None  # `--task-file NAME=PATH`
 
-    def load(self, data_dir: str | os.PathLike | None = None, hub: bool = False) -> dict[str, list[Doc]]:
-        """Rows per split, from the data directory (default) or the Hub (explicit)."""
+    def load(self, data_dir: str | os.PathLike | None = None, hub: bool = False,
+             file: str | os.PathLike | None = None) -> dict[str, list[Doc]]:
+        """Rows per split: from `file` (a user's own copy), the Hub (explicit) or the data directory."""
+        if file is not None:
+            if self.file_reader is None:
+                raise TaskError(f"{self.name}: this task reads its own data files; --task-file is not supported")
+            return self.file_reader(Path(file))
         if hub:
             return _load_hub(self)
         return self.reader(resolve_data_dir(data_dir))
@@ -110,6 +123,15 @@ def _need(path: Path) -> Path:
     return path
 
 
+def json_error(where: str, line: str, e: json.JSONDecodeError) -> str:
+    """`file:line: not valid JSON (<reason> at column c: <the text there>)`: the whole reason, where, and
+    an excerpt of the line around it (`JSONDecodeError.msg` alone stops at "... at")."""
+    at = e.colno - 1
+    excerpt = line if len(line) <= 120 else line[max(0, at - 50):at + 50]
+    reason = e.msg.removesuffix(" at")  # "Invalid control character at": the position follows
+    return f"{where}: not valid JSON ({reason} at column {e.colno}: {excerpt!r})"
+
+
 def read_jsonl(path: Path) -> list[Doc]:
     rows = []
     with open(_need(path), encoding="utf-8") as f:
@@ -118,13 +140,38 @@ def read_jsonl(path: Path) -> list[Doc]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise TaskError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                    raise TaskError(json_error(f"{path}:{i}", line.rstrip("\n"), e)) from None
+    return rows
+
+
+def read_json_list(path: Path) -> list[Doc]:
+    text = _need(path).read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        lines = text.splitlines()
+        raise TaskError(json_error(f"{path}:{e.lineno}", lines[e.lineno - 1] if e.lineno <= len(lines) else "", e)) from None
+    if not isinstance(rows, list):
+        raise TaskError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
     return rows
 
 
 def read_csv(path: Path, header: list[str] | None = None) -> list[Doc]:
     with open(_need(path), encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f, fieldnames=header))
+
+
+def read_rows(path: Path) -> list[Doc]:
+    """A user's data file by its suffix: .jsonl, .json (a list of rows) or .csv (a header row)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix == ".json":
+        return read_json_list(path)
+    if suffix in (".csv", ".tsv"):
+        with open(_need(path), encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    raise TaskError(f"{path}: unknown data file type {suffix!r} (use .jsonl, .json or .csv)")
 
 
 def _subject_files(folder: Path, split: str) -> list[tuple[str, Path]]:
@@ -571,13 +618,22 @@ for _mc in ("mc1", "mc2"):
         harness=f"truthfulqa_{_mc} (lm-eval; truthful_qa multiple_choice, v0 file)",
         hub=HubSpec("truthfulqa/truthful_qa", ("multiple_choice",), {"validation": "validation"})))
 
+# CrowS-Pairs and the Arabic-translated benchmarks (the Jais card's remaining columns)
+from dhad.evaluate import card_tasks  # noqa: E402,F401  (registers its tasks)
+
 # Name groups the CLI accepts in --tasks
 GROUPS = {
     "arabic": ["arabicmmlu", "mmlu_ar", "exams_ar", "acva"],
     "english": ["mmlu", "hellaswag", "piqa", "boolq", "siqa", "arc_challenge", "arc_easy", "openbookqa",
                 "winogrande", "race", "truthfulqa_mc1", "truthfulqa_mc2"],
 }
+GROUPS["crows_pairs"] = ["crows_pairs_english", "crows_pairs_french"]
+GROUPS["arabic_mt"] = ["arc_ar", "arc_easy_ar", "truthfulqa_ar_mc1", "truthfulqa_ar_mc2", "m_mmlu_ar"]
 GROUPS["all"] = GROUPS["arabic"] + GROUPS["english"]
+# what the cards' tables can be filled with from public data (see report.CARD_TABLES)
+GROUPS["jais_card"] = ["arabicmmlu", "mmlu_ar", "exams_ar", "arc_ar_jais", "truthfulqa_ar_mc2_jais",
+                       *GROUPS["english"], "crows_pairs_english"]
+GROUPS["allam_card"] = ["mmlu", "mmlu_ar", "arabicmmlu", "exams_ar", "acva"]
 
 
 def get_task(name: str) -> Task:
@@ -738,7 +794,9 @@ def _sample(task: Task, pool: list[Doc], n: int, eval_doc: Doc | None, rnd: rand
 def _load_hub(task: Task) -> dict[str, list[Doc]]:
     spec = task.hub
     if spec is None:
-        raise TaskError(f"{task.name}: no Hugging Face dataset is known for this task; use the local files (--data)")
+        why = f" ({task.note})" if task.note else ""
+        raise TaskError(f"{task.name}: no Hugging Face dataset is known for this task{why}; "
+                        "use the local files (--data) or --task-file")
     try:
         import datasets
     except ImportError:
@@ -753,7 +811,8 @@ def _load_hub(task: Task) -> dict[str, list[Doc]]:
             except Exception as e:  # noqa: BLE001 - offline, missing, gated: `datasets` raises many types
                 raise TaskError(f"{task.name}: could not load {spec.path}"
                                 f"{'/' + cfg if cfg else ''} split {theirs!r} from the Hugging Face Hub "
-                                f"({type(e).__name__}: {str(e)[:200]}). Offline? Use the local files with --data.") from None
+                                f"({type(e).__name__}: {str(e)[:200]}). Offline? Use the local files (--data) where the task "
+                                f"has them, or your own copy (--task-file {task.name}=FILE).") from None
             for row in ds:
                 row = dict(row)
                 if task.name == "race":

@@ -91,9 +91,11 @@ class Backend:
     def max_new_tokens_limit(self) -> int:
         return int(self.engine.max_new_tokens_limit)
 
-    def encode(self, text: str) -> list[int]:
-        # Rendered prompts carry their special tokens as text (<s>, <|im_start|>): no BOS is added.
-        return list(self.tokenizer.encode(text))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` (dhad.tokenizer's one rule). Rendered chat prompts carry their special tokens
+        as text (<s>, <|im_start|>): no BOS is added, as in apply_chat_template. A raw completion prompt is
+        encoded with add_special_tokens=True: BOS where the tokenizer adds one, as in training."""
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def chat_prompt(self, messages) -> list[int]:
         """Token ids of a conversation rendered in the chat format (raises prompts.PromptError)."""

@@ -42,6 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="check requests and answers against a bilingual blocklist (default: none)")
     p.add_argument("--blocklist", default=None,
                    help="UTF-8 file, one word or phrase per line (# comments); default: a small built-in list")
+    p.add_argument("--max-body-mb", type=float, default=8.0,
+                   help="largest request body in MiB; a larger one gets 413 before it is read (default 8)")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest prompt text in characters, checked before tokenising "
+                        "(default: 32 per token of the context)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send its request headers (then 408 and the connection closes)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may stall between two pieces (then 408)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on shutdown")
     p.add_argument("--log-level", default="info")
@@ -79,6 +88,12 @@ def run(args) -> int:
         raise CLIError("--max-batch-size and --max-new-tokens-limit must be >= 1, --max-queue >= 0")
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be 1..65535, got {args.port}")
+    from dhad.serve.limits import Limits
+    try:
+        limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), header_timeout=args.header_timeout,
+                        body_timeout=args.body_timeout, max_prompt_chars=args.max_prompt_chars)
+    except ValueError as e:
+        raise CLIError(f"--max-body-mb, --max-prompt-chars, --header-timeout, --body-timeout: {e}") from None
     content_filter = build_filter(args.content_filter, args.blocklist)
     engine_args = parse_engine_args(args.vllm_arg)
     if engine_args and args.engine != "vllm":
@@ -88,7 +103,7 @@ def run(args) -> int:
     import uvicorn
 
     from dhad.checkpoint import CheckpointError
-    from dhad.serve.app import create_app
+    from dhad.serve.app import create_app, uvicorn_options
     from dhad.serve.backend import load_backend
 
     try:
@@ -99,14 +114,14 @@ def run(args) -> int:
     # missing directory, bad checkpoint / tokenizer / format, vLLM not installed
     except (OSError, ValueError, RuntimeError, CheckpointError) as e:
         raise CLIError(str(e)) from None
-    app = create_app(backend, api_key=api_key, content_filter=content_filter, shutdown_engine=True)
+    app = create_app(backend, api_key=api_key, content_filter=content_filter, shutdown_engine=True, limits=limits)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key (set --api-key or DHAD_API_KEY)", file=sys.stderr)
     print(f"dhad serve: {backend.model_name} ({backend.fmt.name} format, context {backend.context}) on "
           f"http://{args.host}:{args.port}/  (web chat at /, OpenAI API at /v1, card endpoint at /score)",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.graceful_timeout)
+                            timeout_graceful_shutdown=args.graceful_timeout, **uvicorn_options(limits))
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with this
     # handler in place that re-raise is a no-op and a SIGTERM'd server exits 0 (a clean stop).

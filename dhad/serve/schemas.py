@@ -10,30 +10,65 @@ Two request families:
     (max_tokens, stop, seed, stream) plus vLLM's usual extras (top_k, repetition_penalty, min_tokens).
 
 Every model forbids unknown fields and runs in pydantic's strict mode: a typo'd parameter or a
-string where a number belongs is a clear 422, never silently ignored or coerced. Limits that depend
-on the served model (max_new_tokens above the server's limit, prompt longer than the context) are
-checked by the app, which knows them, and answered with 400.
+string where a number belongs is a clear 422, never silently ignored or coerced. Numbers must be
+finite (``NaN``/``Infinity``, which Python's JSON parser accepts, are 422); text must be valid
+Unicode (a lone surrogate from a JSON escape such as ``"\\ud800"`` is 422) and at most
+`MAX_TEXT_CHARS` characters per field; lists are bounded. Limits that depend on the served model
+(max_new_tokens above the server's limit, prompt longer than the context) are checked by the app,
+which knows them, and answered with 400.
 """
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 # ALLaM card: "maxOutputTokens 4096". The server's limit defaults to this and can be lowered/raised.
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 4096
+MAX_TEXT_CHARS = 1 << 20  # one message or prompt (the body limit, 8 MB by default, bounds the whole request)
+
+
+def _valid_unicode(s: str) -> str:
+    """Text the tokenizer and the JSON encoder can take: no lone surrogates (U+D800..U+DFFF)."""
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"contains a lone surrogate (U+{ord(s[e.start]):04X}) at character {e.start}; "
+                             "text must be valid Unicode") from None
+    return s
+
+
+def _whole(v):
+    """JSON Schema's integers include 14.0 (a number with no fraction); JSON encoders write them so."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def _int(**bounds):
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+
+
+def _text(max_chars: int, min_chars: int = 0):
+    return Annotated[str, Field(min_length=min_chars, max_length=max_chars), AfterValidator(_valid_unicode)]
+
+
+Text = _text(MAX_TEXT_CHARS)
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 # Finite floats only: JSON parsers accept NaN/Infinity, sampling must never see them.
 Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-TopK = Annotated[int, Field(ge=0, le=1_000_000)]
+TopK = _int(ge=0, le=1_000_000)
 Penalty = Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)]
-TokenCount = Annotated[int, Field(ge=0, le=1_000_000)]
-PositiveTokenCount = Annotated[int, Field(ge=1, le=1_000_000)]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
-StopString = Annotated[str, Field(min_length=1, max_length=256)]
+TokenCount = _int(ge=0, le=1_000_000)
+PositiveTokenCount = _int(ge=1, le=1_000_000)
+# RFC 8259 §6: integers beyond 2**53 - 1 are not exchanged reliably (JavaScript clients round them).
+Seed = _int(ge=0, le=2**53 - 1)
+TokenId = _int(ge=0, le=2**31 - 1)
+StopString = _text(256, min_chars=1)
 Stop = StopString | Annotated[list[StopString], Field(max_length=16)]
 
 
@@ -42,7 +77,7 @@ class ChatMessage(BaseModel):
 
     model_config = _STRICT
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +98,7 @@ class ScoreParameters(BaseModel):
     min_length: TokenCount | None = None  # total, as transformers; the Jais card: input_len + 4
     repetition_penalty: Penalty | None = None
     stop: Stop | None = None
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     seed: Seed | None = None
 
 
@@ -104,7 +139,7 @@ class ScoreResponse(BaseModel):
 class TextPart(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class OpenAIMessage(BaseModel):
@@ -112,8 +147,8 @@ class OpenAIMessage(BaseModel):
 
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(max_length=64)]
-    name: Annotated[str, Field(max_length=64)] | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=64)]
+    name: _text(64) | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -127,21 +162,22 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    """Fields shared by both OpenAI endpoints. Penalties other than 0 and logprobs are refused (400)."""
+    """Fields shared by both OpenAI endpoints. n other than 1, penalties other than 0 and logprobs are
+    refused with 400 (the schema accepts them, as OpenAI's does)."""
 
     model_config = _STRICT
-    model: Annotated[str, Field(max_length=256)] | None = None
+    model: _text(256) | None = None
     max_tokens: PositiveTokenCount | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
     top_p: TopP | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = None
+    n: _int(ge=1, le=128) | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop | None = None
     seed: Seed | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] | None = None
-    user: Annotated[str, Field(max_length=256)] | None = None
+    user: _text(256) | None = None
     # vLLM-style extras (the openai client sends them through `extra_body`)
     top_k: TopK | None = None
     repetition_penalty: Penalty | None = None
@@ -155,9 +191,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: _text(MAX_TEXT_CHARS, min_chars=1) | Annotated[list[_text(MAX_TEXT_CHARS, min_chars=1)],
+                                                           Field(min_length=1, max_length=1)]
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: _int(ge=0, le=20) | None = None
 
 
 class Usage(BaseModel):

@@ -41,7 +41,11 @@ from dhad.utils import atomic_write_json as _write_json_atomic
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A training checkpoint that cannot be read: names the file."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint of another model (tensor names or shapes differ from this run's)."""
 
 
 def step_name(step: int) -> str:
@@ -118,18 +122,41 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict, env:
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run (follows `latest`, else scans), or None."""
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's complete checkpoints, newest first: the one `latest` names, then the others by step."""
     ck = Path(run_dir) / "checkpoints"
     if not ck.is_dir():
-        return None
+        return []
+    done = sorted((p for p in ck.glob("step_*") if (p / "meta.json").is_file()), reverse=True)
     ptr = ck / "latest"
     if ptr.is_file():
         p = ck / ptr.read_text().strip()
-        if (p / "meta.json").is_file():
-            return p
-    done = sorted(p for p in ck.glob("step_*") if (p / "meta.json").is_file())
-    return done[-1] if done else None
+        if p in done:
+            done.remove(p)
+            done.insert(0, p)
+    return done
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run (follows `latest`, else scans), or None."""
+    done = complete_checkpoints(run_dir)
+    return done[0] if done else None
+
+
+def set_aside(path: Path, env: DistEnv) -> Path:
+    """Move an unreadable checkpoint out of the way, kept for inspection: checkpoints/.corrupt-step_N
+    (collective; no longer a candidate for resuming, and never pruned as an old checkpoint)."""
+    path = Path(path)
+    aside = path.with_name(f".corrupt-{path.name}")
+    if env.is_main:
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(path, aside)
+    barrier(env)
+    return aside
+
+
+KERNEL_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how AdamW runs, not what it computes
 
 
 def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict:
@@ -140,8 +167,10 @@ def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict:
         raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json)")
     try:
         meta = json.loads(meta_p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_p}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_p}: expected a JSON object, got {type(meta).__name__}")
     if not (path / "train_state" / ".metadata").is_file():
         raise CheckpointError(f"{path}/train_state: missing DCP metadata (incomplete checkpoint)")
     m = unwrap(model)
@@ -149,24 +178,70 @@ def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict:
     # exactly the set that had state when saved (a checkpoint from a frozen-backbone stage has none for
     # the backbone, a later one has it for all), then restore the caller's requires_grad flags.
     flags = {n: p.requires_grad for n, p in m.named_parameters()}
-    if "optim_params" in meta:
-        had = set(meta["optim_params"])
+    # Loading puts the saved param_groups back, and with them the saving run's AdamW kernel choice
+    # (fused for plain tensors, foreach for FSDP's DTensors): keep this run's (an FSDP checkpoint
+    # resumed on one process would otherwise run foreach while the loop hands the step a fused-only
+    # grad_scale).
+    kernel = {k: optimizer.defaults[k] for k in KERNEL_KEYS if k in optimizer.defaults}
+    had = meta.get("optim_params")
+    if had is not None and not (isinstance(had, list) and all(isinstance(n, str) for n in had)):
+        raise CheckpointError(f"{meta_p}: optim_params is not a list of parameter names")
+    if had is not None:
         for n, p in m.named_parameters():
-            p.requires_grad_(n in had)
+            p.requires_grad_(n in set(had))
     try:
         msd, osd = get_state_dict(m, optimizer)
+        _check_same_model(path / "train_state", msd)
         sd = {"model": msd, "optim": osd}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(sd, checkpoint_id=str(path / "train_state"))
+            try:
+                dcp.load(sd, checkpoint_id=str(path / "train_state"))
+            except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - zip reader, unpickler, ...
+                raise CheckpointError(f"{path / 'train_state'}: cannot read the model/optimizer state "
+                                      f"(corrupt or truncated file?): {_short(e)}") from None
         set_state_dict(m, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     finally:
+        for g in optimizer.param_groups:  # the kernel is this run's choice, not the saving run's
+            g.update(kernel)
         for n, p in m.named_parameters():
             p.requires_grad_(flags[n])
     rng = path / "rng" / f"rank_{env.rank:05d}.json"
-    if rng.is_file():
-        set_rng_state(json.loads(rng.read_text()))
+    if rng.is_file():  # absent when resuming on more processes than saved: that rank keeps its seed
+        try:
+            set_rng_state(json.loads(rng.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, IndexError, SyntaxError) as e:
+            raise CheckpointError(f"{rng}: not a saved RNG state ({type(e).__name__}: {e})") from None
     return meta
+
+
+def _check_same_model(state_dir: Path, model_sd: dict) -> None:
+    """The saved model tensors are this model's, by name and shape (DCP's `.metadata` describes them)."""
+    try:
+        saved = dcp.FileSystemReader(str(state_dir)).read_metadata().state_dict_metadata
+    except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - a pickle: any error means unreadable
+        raise CheckpointError(f"{state_dir / '.metadata'}: cannot read (corrupt or truncated?): {_short(e)}") from None
+    have = {f"model.{n}": tuple(t.shape) for n, t in model_sd.items()}
+    was = {k: tuple(v.size) for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}
+    if have != was:
+        diff = sorted(set(have) ^ set(was))[:3] or [k for k in have if have[k] != was[k]][:3]
+        detail = ", ".join(f"{k[6:]} {was.get(k, 'missing')} saved vs {have.get(k, 'missing')} here" for k in diff)
+        raise CheckpointMismatch(f"{state_dir.parent} was saved for another model ({detail}); resume with the "
+                                 "recipe that wrote it, or start a new run")
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    """One line for an exception; DCP's CheckpointException holds each failed rank's (exception, traceback)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, f = next(iter(failures.items()))
+        inner = f[0] if isinstance(f, tuple) and f else f
+        e = inner if isinstance(inner, BaseException) else e
+        msg = f"rank {rank}: {type(e).__name__}: {e}"
+    else:
+        msg = f"{type(e).__name__}: {e}"
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,9 +20,19 @@ Design choices (nanoGPT's loop, torchtitan's parallelism, Megatron's data blendi
   parameters without a gradient (no moment update, no weight decay), so the backbone stays
   bit-identical. DDP is rebuilt at a stage change (it fixes its parameter set when built); FSDP2
   follows requires_grad per step.
+- Clock-driven runs (`schedule.seconds`): the run ends (final evaluation, checkpoint, model, as at
+  its last step) once that much training wall time is spent, the learning rate following
+  `lr_at_time` (warmup-stable-decay on the clock); total_steps only caps it. The seconds spent are
+  saved with every checkpoint, so a resumed run continues the same clock.
 - Stops cleanly: SIGTERM/SIGINT set a flag; after the current step every process checkpoints and
   the run returns `interrupted` (the CLI exits 128 + signal number). `resume=True` restores model,
-  optimizer, RNG and the data position, so the loss sequence continues exactly.
+  optimizer, RNG and the data position, so the loss sequence continues exactly, on any number of
+  processes and under any strategy; an unreadable newest checkpoint is set aside and the one
+  before it used.
+
+Reading order: `train` -> `_train`, which runs the phases in turn: `_setup` (objective, model,
+`_open_data`, `_place` on devices, optimizer) -> `_resume` -> `_open_run_dir` (metrics, logger)
+-> `_steps` (the step loop) -> `_finish` (final evaluation, checkpoint, model directory).
 """
 from __future__ import annotations
 
@@ -39,24 +49,27 @@ import torch
 import yaml
 from torch import nn
 
-from dhad.config import Config
+from dhad.config import Config, ConfigError
 from dhad.data.shards import ShardSet, tokenizer_hash
 from dhad.model import Transformer
 from dhad.train import distributed as D
 from dhad.train.checkpointing import (
     CheckpointError,
+    CheckpointMismatch,
     StopSignal,
     _write_json_atomic,
+    complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    set_aside,
 )
 from dhad.train.loader import Mixture
 from dhad.train.metrics import MetricsLogger, measure_peak_flops, truncate_after
 from dhad.train.objectives import Objective, get_objective
 from dhad.train.optim import build_optimizer, set_lr
 from dhad.train.recipe import Recipe, RecipeError, format_tokens, load_recipe
-from dhad.train.schedule import build_plan, lr_at
+from dhad.train.schedule import Plan, build_plan, lr_at, lr_at_time
 from dhad.utils import tune_malloc
 
 
@@ -75,6 +88,7 @@ class TrainResult:
     interrupted: bool = False
     signal: int | None = None
     timed_out: bool = False  # stopped by max_seconds
+    train_seconds: float = 0.0  # training wall seconds in total (all sessions), for clock-driven runs
     checkpoint: Path | None = None
     mixture: dict = field(default_factory=dict)
     plan: list = field(default_factory=list)
@@ -122,21 +136,24 @@ def build_model(recipe: Recipe) -> Transformer:
     if m.preset:
         try:
             cfg = Config.from_name(m.preset, **m.overrides)
-        except TypeError as e:
+        except (TypeError, ConfigError) as e:
             raise RecipeError(f"model.overrides: {e}") from None
         if m.meta_init:
             with torch.device("meta"):
                 return Transformer(cfg)
         return Transformer(cfg).init_weights(recipe.seed)
-    from dhad.checkpoint import load_config, load_model
+    from dhad.checkpoint import CheckpointError, load_config, load_model
     p = Path(m.init_from)
     if not p.is_dir():
         raise TrainError(f"model.init_from: {p} is not a directory")
-    if m.meta_init:
-        with torch.device("meta"):
-            model = Transformer(load_config(p))
-    else:
-        model = load_model(p, dtype="float32", device="cpu")
+    try:
+        if m.meta_init:
+            with torch.device("meta"):
+                model = Transformer(load_config(p))
+        else:
+            model = load_model(p, dtype="float32", device="cpu")
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        raise TrainError(f"model.init_from: {e}") from None
     if m.overrides:
         # Only fields that change no tensor shape may be overridden on a trained model.
         ok = {"block_size", "rope_scaling", "alibi_scaling", "rope_theta", "bos_token_id", "eos_token_id",
@@ -144,7 +161,10 @@ def build_model(recipe: Recipe) -> Transformer:
         bad = sorted(set(m.overrides) - ok)
         if bad:
             raise RecipeError(f"model.overrides: {bad} would change the shape of a trained model; allowed: {sorted(ok)}")
-        model.config = model.config.replace(**m.overrides)
+        try:
+            model.config = model.config.replace(**m.overrides)
+        except ConfigError as e:
+            raise RecipeError(f"model.overrides: {e}") from None
     return model
 
 
@@ -286,7 +306,8 @@ def train_step(model, objective: Objective, batches: list[dict], optimizer, env:
         params = params if params is not None else list(D.unwrap(model).parameters())
         with_grad = [p for p in params if p.grad is not None]
         grads = [p.grad for p in with_grad]
-        if optimizer.defaults.get("fused") and grads and not any(hasattr(g, "full_tensor") for g in grads):
+        fused = all(g.get("fused") for g in optimizer.param_groups)
+        if fused and grads and not any(hasattr(g, "full_tensor") for g in grads):
             gn = _clip_into_fused_step(optimizer, grads, clip)
         else:
             gn = torch.nn.utils.clip_grad_norm_(with_grad, clip)
@@ -338,21 +359,86 @@ def train(recipe: Recipe | str | os.PathLike, *, resume: bool = False, run_dir: 
         D.shutdown(env)
 
 
+@dataclass
+class _Run:
+    """What a run holds from setup to the end: the pieces `_train`'s phases share."""
+    recipe: Recipe
+    env: D.DistEnv
+    run_dir: Path
+    strategy: str
+    objective: Objective
+    paths: dict  # source -> shard directory
+    tok_path: Path | None
+    plan: Plan
+    mixture: Mixture
+    wrapped: nn.Module  # what the loop calls: the model, a DDP wrapper, or the FSDP-sharded model
+    optimizer: torch.optim.Optimizer
+    stage: int  # index into recipe.stage_list of the stage the model is set up for
+    log: MetricsLogger | None = None
+    peak: float | None = None  # FLOP/s for MFU
+    result: TrainResult | None = None
+    trained_s: float = 0.0  # training wall seconds before this session (from the checkpoint resumed)
+    clock0: float | None = None  # perf_counter() at which the run's training clock reads 0
+
+    def train_seconds(self) -> float:
+        """Training wall seconds so far, all sessions (the clock a clock-driven schedule follows)."""
+        return time.perf_counter() - self.clock0 if self.clock0 is not None else self.trained_s
+
+    @property
+    def model(self) -> Transformer:
+        return D.unwrap(self.wrapped)
+
+    @property
+    def do_eval(self) -> bool:
+        return self.recipe.eval_batches > 0
+
+    def autocast(self):
+        if self.recipe.precision == "bf16":
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def set_stage(self, stage: int) -> None:
+        """Make `stage`'s parameters trainable; DDP fixes its parameter set when built, so rebuild it."""
+        self.stage = stage
+        set_trainable(self.model, self.recipe.stage_list[stage].trainable)
+        if self.strategy == "ddp":
+            self.wrapped = D.wrap_model(self.model, "ddp", self.env, self.recipe.precision)
+
+
 def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress, save_final, max_seconds=None):
     run_dir = Path(run_dir or recipe.out_dir or Path("runs") / (recipe.name or Path(recipe.source_file or "run").stem))
     if not resume and latest_checkpoint(run_dir) is not None:
         raise TrainError(f"{run_dir} already holds checkpoints; pass --resume to continue, or choose another run dir")
+    run = _setup(recipe, env, run_dir, progress)
+    start = _resume(run) if resume else 0
+    _open_run_dir(run, resume, start, progress)
+    if run.do_eval and start == 0 and recipe.eval_every:
+        _run_eval(run, 0)
+    step = _steps(run, start, stop_at, max_seconds)
+    return _finish(run, step, save_final)
+
+
+def _setup(recipe: Recipe, env: D.DistEnv, run_dir: Path, progress: bool) -> _Run:
+    """Objective, model, data (plan and mixture), the model placed and wrapped, the optimizer."""
     strategy = D.resolve_strategy(recipe.distributed, env)
     if env.device.type == "cpu":
         tune_malloc()  # reuse activation buffers' pages step after step (dhad.utils.tune_malloc)
     torch.manual_seed(recipe.seed)
     objective = get_objective(recipe.type, recipe.objective)
     objective.progress = progress  # an objective's own long passes (DPO's reference) show a bar only if asked
-
-    # -- data + model -------------------------------------------------------------------------
-    paths = {n: Path(p) for n, p in recipe.data.sources.items()}
     model = build_model(recipe)
-    cfg = model.config
+    paths, tok_path, plan, mixture = _open_data(recipe, env, objective, model.config)
+    stage = plan.at(0).stage
+    set_trainable(model, recipe.stage_list[stage].trainable)
+    wrapped = _place(model, recipe, env, strategy, objective, run_dir)
+    optimizer = build_optimizer(model, recipe.optimizer, model.config, env.device.type)
+    return _Run(recipe, env, run_dir, strategy, objective, paths, tok_path, plan, mixture, wrapped, optimizer, stage)
+
+
+def _open_data(recipe: Recipe, env: D.DistEnv, objective: Objective, cfg: Config):
+    """Check the sources against the model and tokenizer; the plan of every step; the mixture that
+    hands out each step's batch. Returns (paths, tokenizer path, plan, mixture)."""
+    paths = {n: Path(p) for n, p in recipe.data.sources.items()}
     tok_path = _tokenizer_path(recipe)
     sets = _check_shards(recipe, objective, paths, cfg, tok_path)
     seq_default = _sft_seq_len(recipe, sets) if objective.expected_kind == "sft" else None
@@ -363,16 +449,18 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
     streams = {n: objective.open_source(n, paths[n], recipe.data.train_split, recipe.seed, recipe.data.shuffle)
                for n in paths}
     mixture = Mixture(streams, plan, stage_weights(recipe, sets), plan.stage_names)
-    do_eval = recipe.eval_batches > 0
-    if do_eval:
+    if recipe.eval_batches > 0:
         for n, p in paths.items():
             if not (p / recipe.data.val_split / "index.json").is_file():
                 raise TrainError(f"data.sources.{n}: no validation split at {p / recipe.data.val_split} "
                                  f"(prepare one, or set eval_batches: 0)")
+    return paths, tok_path, plan, mixture
 
-    # -- devices, parallelism, optimizer ------------------------------------------------------
-    stage = plan.at(0).stage
-    set_trainable(model, recipe.stage_list[stage].trainable)
+
+def _place(model: Transformer, recipe: Recipe, env: D.DistEnv, strategy: str, objective: Objective,
+           run_dir: Path) -> nn.Module:
+    """The model on this process's device, compiled if asked, wrapped for DDP / FSDP (a meta-device
+    model is filled after sharding); the objective set up on it. Returns what the loop calls."""
     meta = recipe.model.meta_init
     if not meta:
         model.to(env.device)
@@ -387,146 +475,204 @@ def _train(recipe: Recipe, env: D.DistEnv, *, resume, run_dir, stop_at, progress
     if meta:  # sharded while still on the meta device: now each rank fills its own shards
         materialize(model, recipe, env.device)
         objective.setup(model, recipe, env.device, run_dir=run_dir)
-    optimizer = build_optimizer(D.unwrap(wrapped), recipe.optimizer, cfg, env.device.type)
-    use_bf16 = recipe.precision == "bf16"
+    return wrapped
 
-    def autocast():
-        if use_bf16:
-            return torch.autocast(env.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
-    # -- resume ---------------------------------------------------------------------------------
-    start = 0
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        ck = latest_checkpoint(run_dir)
-        if ck is None:
-            raise TrainError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+def _resume(run: _Run) -> int:
+    """Restore model, optimizer, RNG and data position from the newest readable checkpoint; returns
+    its step. One that cannot be read (a corrupt file, garbage JSON) is set aside as
+    `checkpoints/.corrupt-step_N`, with a warning, and the one before it is tried; every process
+    makes the same choice."""
+    env = run.env
+    candidates = complete_checkpoints(run.run_dir)
+    if not candidates:
+        raise TrainError(f"--resume: no checkpoint in {run.run_dir / 'checkpoints'}")
+    failed = []
+    for ck in candidates:
+        err = None
         try:
-            meta = load_checkpoint(ck, wrapped, optimizer, env)
-            mixture.load_state_dict(meta["data"])
-        except (CheckpointError, KeyError, ValueError) as e:
-            raise TrainError(f"cannot resume from {ck}: {e}") from None
-        start = int(meta["step"])
-        if meta.get("plan") and meta["plan"] != [_seg_key(s) for s in plan.segments if s.start < start]:
-            if env.is_main:
-                print(f"warning: the recipe's plan for steps < {start} differs from the checkpoint's; "
-                      "the data stream continues from the saved position", flush=True)
-        if start < plan.total_steps:
-            stage = plan.at(start).stage
-            set_trainable(D.unwrap(wrapped), recipe.stage_list[stage].trainable)
-            if strategy == "ddp":
-                wrapped = D.wrap_model(D.unwrap(wrapped), "ddp", env, recipe.precision)
+            meta = load_checkpoint(ck, run.wrapped, run.optimizer, env)
+            try:
+                run.mixture.load_state_dict(meta["data"])
+                start = int(meta["step"])
+            except (KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"{ck / 'meta.json'}: bad data position or step ({type(e).__name__}: {e})") from None
+        except CheckpointMismatch as e:  # readable, but another model's: nothing to fall back on
+            raise TrainError(f"cannot resume: {e}") from None
+        except CheckpointError as e:
+            err = str(e)
+        if not D.any_flag(err is not None, env):
+            break
+        failed.append(f"{ck.name}: {err or 'unreadable on another process'}")
+        aside = set_aside(ck, env)
+        if err is not None or env.is_main:
+            print(f"warning: cannot resume from {ck}: {err or 'unreadable on another process'}; moved it to "
+                  f"{aside.name} and trying the checkpoint before it", flush=True)
+        run.optimizer.state.clear()  # a partial load must not leave state for the next candidate
+    else:
+        raise TrainError(f"cannot resume: no readable checkpoint in {run.run_dir / 'checkpoints'} ("
+                         + "; ".join(failed) + "). The unreadable ones are kept as .corrupt-step_*; start a new "
+                         "run (another --out) or restore them from a backup")
+    if meta.get("plan") and meta["plan"] != [_seg_key(s) for s in run.plan.segments if s.start < start]:
+        if env.is_main:
+            print(f"warning: the recipe's plan for steps < {start} differs from the checkpoint's; "
+                  "the data stream continues from the saved position", flush=True)
+    if start < run.plan.total_steps:
+        run.set_stage(run.plan.at(start).stage)
+    run.trained_s = float(meta.get("train_seconds", 0.0))
+    return start
 
+
+def _open_run_dir(run: _Run, resume: bool, start: int, progress: bool) -> None:
+    """Write the recipe as run, bring metrics.jsonl to `start`, open the logger, log start/resume."""
+    recipe, env = run.recipe, run.env
+    metrics_path = run.run_dir / "metrics.jsonl"
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True))
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True))
         if resume:
-            truncate_after(metrics_path, start)
+            truncate_after(metrics_path, start)  # records after the checkpoint are logged again
+        elif metrics_path.exists():  # an earlier attempt stopped before its first checkpoint: it starts over
+            print(f"{metrics_path}: replacing the records of an earlier attempt that left no checkpoint", flush=True)
+            metrics_path.unlink()
     D.barrier(env)
+    peak = recipe.peak_flops or measure_peak_flops(env.device, torch.bfloat16 if recipe.precision == "bf16"
+                                                   else torch.float32)
+    total = None if recipe.schedule.seconds else run.plan.total_steps  # clock-driven: the steps are not known
+    run.log = MetricsLogger(metrics_path, total, start, progress, enabled=env.is_main,
+                            desc=recipe.name or recipe.type)
+    run.log.log({"event": "resume" if resume else "start", "step": start, "total_steps": run.plan.total_steps,
+                 "world_size": env.world_size, "strategy": run.strategy, "precision": recipe.precision,
+                 "meta_init": recipe.model.meta_init, "params": run.model.num_params(), "peak_flops": peak,
+                 "plan": run.plan.summary(), "time": time.time()})
+    run.peak = peak
+    run.result = TrainResult(run_dir=run.run_dir, model_dir=None, step=start, plan=run.plan.summary())
 
-    peak = recipe.peak_flops or measure_peak_flops(env.device, torch.bfloat16 if use_bf16 else torch.float32)
-    log = MetricsLogger(metrics_path, plan.total_steps, start, progress, enabled=env.is_main,
-                        desc=recipe.name or recipe.type)
-    log.log({"event": "resume" if resume else "start", "step": start, "total_steps": plan.total_steps,
-             "world_size": env.world_size, "strategy": strategy, "precision": recipe.precision,
-             "meta_init": recipe.model.meta_init, "params": D.unwrap(wrapped).num_params(), "peak_flops": peak, "plan": plan.summary(),
-             "time": time.time()})
 
-    result = TrainResult(run_dir=run_dir, model_dir=None, step=start, plan=plan.summary())
+def _checkpoint(run: _Run, step: int) -> Path:
+    plan, mixture = run.plan, run.mixture
+    meta = {"data": mixture.state_dict(), "plan": [_seg_key(s) for s in plan.segments if s.start < step],
+            "tokens": plan.tokens_before(step), "recipe": run.recipe.to_dict(), "mixture": mixture.report(),
+            "train_seconds": run.train_seconds()}
+    return save_checkpoint(run.run_dir, step, run.wrapped, run.optimizer, meta, run.env, run.recipe.keep_checkpoints)
 
-    def checkpoint(step):
-        meta = {"data": mixture.state_dict(), "plan": [_seg_key(s) for s in plan.segments if s.start < step],
-                "tokens": plan.tokens_before(step), "recipe": recipe.to_dict(), "mixture": mixture.report()}
-        return save_checkpoint(run_dir, step, wrapped, optimizer, meta, env, recipe.keep_checkpoints)
 
-    def run_eval(step):
-        T = plan.at(min(step, plan.total_steps - 1)).seq_len
-        n_val = recipe.eval_sequences or recipe.eval_batches * recipe.batch.micro_batch_size
-        vs = {n: objective.val_items(n, paths[n], recipe.data.val_split, T, n_val) for n in paths}
-        ev = evaluate(wrapped, objective, vs, recipe.batch.micro_batch_size, env, autocast)
-        rec = {"step": step, **ev, **objective.eval_metrics()}
-        log.log({"event": "eval", **rec})
-        log.write(f"step {step}: val_loss {ev['val_loss']:.4f} "
+def _run_eval(run: _Run, step: int) -> dict:
+    recipe, plan = run.recipe, run.plan
+    T = plan.at(min(step, plan.total_steps - 1)).seq_len
+    n_val = recipe.eval_sequences or recipe.eval_batches * recipe.batch.micro_batch_size
+    vs = {n: run.objective.val_items(n, p, recipe.data.val_split, T, n_val) for n, p in run.paths.items()}
+    ev = evaluate(run.wrapped, run.objective, vs, recipe.batch.micro_batch_size, run.env, run.autocast)
+    rec = {"step": step, **ev, **run.objective.eval_metrics()}
+    run.log.log({"event": "eval", **rec})
+    run.log.write(f"step {step}: val_loss {ev['val_loss']:.4f} "
                   + " ".join(f"{k}={v:.4f}" for k, v in ev["val_loss_by_source"].items()))
-        result.evals.append(rec)
-        return ev
+    run.result.evals.append(rec)
+    return ev
 
-    if do_eval and start == 0 and recipe.eval_every:
-        run_eval(0)
 
-    # -- steps ----------------------------------------------------------------------------------
-    step = last_logged = start
-    t_last, tok_last, t0 = time.perf_counter(), plan.tokens_before(start), time.perf_counter()
-    params = [p for p in D.unwrap(wrapped).parameters()]
+class _Meter:
+    """Throughput between logged steps: tokens/s and MFU; time spent evaluating or checkpointing is
+    not training time (`pause`)."""
+
+    def __init__(self, run: _Run, start: int):
+        self.run, self.last_step, self.tokens = run, start, run.plan.tokens_before(start)
+        self.t0 = self.t_last = time.perf_counter()
+
+    def pause(self) -> None:
+        self.t_last = time.perf_counter()
+
+    def log(self, step: int, seg, loss: float, lr: float, grad_norm: float | None) -> None:
+        run = self.run
+        now, toks = time.perf_counter(), run.plan.tokens_before(step)
+        extra = run.objective.metrics()
+        # tokens the model really ran, when the objective counts them (DPO: pairs have no fixed length),
+        # else the plan's tokens
+        tps = extra.get("tokens_processed", toks - self.tokens) / max(now - self.t_last, 1e-9)
+        mfu = run.model.config.flops_per_token(seg.seq_len) * tps / run.peak if run.peak else None
+        run.log.step({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": toks,
+                      "seq_len": seg.seq_len, "stage": run.plan.stage_names[seg.stage], "tokens_per_s": tps,
+                      "mfu": mfu, "elapsed_s": now - self.t0, **extra}, n=step - self.last_step)
+        self.t_last, self.tokens, self.last_step = now, toks, step
+
+
+def _steps(run: _Run, start: int, stop_at: int | None, max_seconds: float | None) -> int:
+    """Optimizer steps from `start` until the plan ends, a signal, `stop_at` or the time budget (then
+    checkpoint); periodic evaluations and checkpoints on the way. Returns the step reached."""
+    recipe, env, plan, result = run.recipe, run.env, run.plan, run.result
+    step, meter = start, _Meter(run, start)
+    params = list(run.model.parameters())
+    sc, timed = recipe.schedule, recipe.schedule.seconds  # timed: a clock-driven run of that many seconds
+    run.clock0, dt_step = meter.t0 - run.trained_s, 0.0
     with StopSignal() as sig:
         while step < plan.total_steps:
             seg = plan.at(step)
-            if seg.stage != stage:
-                stage = seg.stage
-                st = recipe.stage_list[stage]
-                set_trainable(D.unwrap(wrapped), st.trainable)
-                if strategy == "ddp":
-                    wrapped = D.wrap_model(D.unwrap(wrapped), "ddp", env, recipe.precision)
-                log.log({"event": "stage", "step": step, "stage": st.name, "trainable": st.trainable,
-                         "mixture": mixture.report()})  # tokens seen per stage and source so far
-                log.write(f"step {step}: stage {st.name} (trainable: {st.trainable})")
-            lr = lr_at(step, recipe.optimizer.lr, recipe.schedule.warmup_steps, plan.total_steps,
-                       recipe.schedule.min_lr, recipe.schedule.decay)
-            set_lr(optimizer, lr)
-            sb = mixture.next_step(env.rank, env.world_size)
-            batches = [objective.collate(items, env.device) for items in sb.micro]
-            loss, gn = train_step(wrapped, objective, batches, optimizer, env, strategy, autocast,
-                                  recipe.clip_grad, params)
+            if seg.stage != run.stage:
+                run.set_stage(seg.stage)
+                st = recipe.stage_list[seg.stage]
+                run.log.log({"event": "stage", "step": step, "stage": st.name, "trainable": st.trainable,
+                             "mixture": run.mixture.report()})  # tokens seen per stage and source so far
+                run.log.write(f"step {step}: stage {st.name} (trainable: {st.trainable})")
+            t_step = time.perf_counter()
+            if timed:  # rank 0's clock decides, so every rank uses the same rate
+                lr = D.broadcast_object(lr_at_time(step, run.train_seconds(), timed, recipe.optimizer.lr,
+                                                   sc.warmup_steps, sc.min_lr, sc.decay, sc.decay_fraction), env)
+            else:
+                lr = lr_at(step, recipe.optimizer.lr, sc.warmup_steps, plan.total_steps, sc.min_lr, sc.decay)
+            set_lr(run.optimizer, lr)
+            sb = run.mixture.next_step(env.rank, env.world_size)
+            batches = [run.objective.collate(items, env.device) for items in sb.micro]
+            loss, gn = train_step(run.wrapped, run.objective, batches, run.optimizer, env, run.strategy,
+                                  run.autocast, recipe.clip_grad, params)
             step += 1
+            dt_step = time.perf_counter() - t_step
             result.losses.append((step, loss))
             if not math.isfinite(loss):
-                log.write(f"step {step}: loss is {loss}; stopping (checkpoint kept from before)")
+                run.log.write(f"step {step}: loss is {loss}; stopping (checkpoint kept from before)")
                 raise TrainError(f"loss became {loss} at step {step}")
-
             if recipe.log_every and (step % recipe.log_every == 0 or step == plan.total_steps):
-                now = time.perf_counter()
-                toks = plan.tokens_before(step)
-                extra = objective.metrics()
-                # tokens the model really ran, when the objective counts them (DPO: pairs have no fixed
-                # length), else the plan's tokens
-                tps = extra.get("tokens_processed", toks - tok_last) / max(now - t_last, 1e-9)
-                t_last, tok_last = now, toks
-                mfu = cfg.flops_per_token(seg.seq_len) * tps / peak if peak else None
-                log.step({"step": step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens": toks,
-                          "seq_len": seg.seq_len, "stage": plan.stage_names[seg.stage], "tokens_per_s": tps,
-                          "mfu": mfu, "elapsed_s": now - t0, **extra}, n=step - last_logged)
-                last_logged = step
-            if do_eval and recipe.eval_every and step % recipe.eval_every == 0 and step < plan.total_steps:
-                run_eval(step)
-                t_last = time.perf_counter()  # evaluation time is not training throughput
-            out_of_time = max_seconds is not None and D.any_flag(  # rank 0's clock decides for all
-                env.is_main and time.perf_counter() - t0 >= max_seconds, env)
-            stop_now = D.any_flag(sig.stop, env) or out_of_time or (stop_at is not None and step >= stop_at)
-            periodic = recipe.checkpoint_every and step % recipe.checkpoint_every == 0
-            if (periodic or stop_now) and step < plan.total_steps:
-                result.checkpoint = checkpoint(step)
-                t_last = time.perf_counter()
-            if stop_now and step < plan.total_steps:
-                result.interrupted, result.signal = True, sig.signum
-                result.timed_out = bool(out_of_time)
-                log.write(f"stopped at step {step}" + (f" (signal {sig.signum})" if sig.signum else "")
-                          + (f" (time budget of {max_seconds:g} s)" if result.timed_out else "")
-                          + f"; resume with --resume from {result.checkpoint}")
-                break
+                meter.log(step, seg, loss, lr, gn)
+            if run.do_eval and recipe.eval_every and step % recipe.eval_every == 0 and step < plan.total_steps:
+                _run_eval(run, step)
+                meter.pause()
 
+            out_of_time = max_seconds is not None and D.any_flag(  # rank 0's clock decides for all
+                env.is_main and time.perf_counter() - meter.t0 >= max_seconds, env)
+            stop_now = D.any_flag(sig.stop, env) or out_of_time or (stop_at is not None and step >= stop_at)
+            # clock-driven: the run ends at the step whose end is nearest to its seconds
+            time_up = bool(timed) and D.any_flag(env.is_main and run.train_seconds() + 0.5 * dt_step >= timed, env)
+            if step == plan.total_steps or (time_up and not stop_now):
+                if time_up:
+                    run.log.write(f"step {step}: {timed:g} s of training spent; the run ends here")
+                break  # _finish checkpoints the end
+            if stop_now or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0):
+                result.checkpoint = _checkpoint(run, step)
+                meter.pause()
+            if stop_now:
+                result.interrupted, result.signal, result.timed_out = True, sig.signum, bool(out_of_time)
+                run.log.write(f"stopped at step {step}" + (f" (signal {sig.signum})" if sig.signum else "")
+                              + (f" (time budget of {max_seconds:g} s)" if out_of_time else "")
+                              + f"; resume with --resume from {result.checkpoint}")
+                break
+    return step
+
+
+def _finish(run: _Run, step: int, save_final: bool) -> TrainResult:
+    """Final evaluation, checkpoint and model directory (unless interrupted); mixture.json; end event."""
+    env, result, log = run.env, run.result, run.log
     result.step = step
-    result.model = D.unwrap(wrapped)
-    result.mixture = mixture.report()
+    result.train_seconds = run.train_seconds()
+    result.model = run.model
+    result.mixture = run.mixture.report()
     if not result.interrupted:
-        if do_eval:
-            run_eval(step)
-        result.checkpoint = checkpoint(step)
+        if run.do_eval:
+            _run_eval(run, step)
+        result.checkpoint = _checkpoint(run, step)
         if save_final:
-            result.model_dir = save_final_model(wrapped, run_dir / "model", tok_path, env)
+            result.model_dir = save_final_model(run.wrapped, run.run_dir / "model", run.tok_path, env)
     if env.is_main:
-        _write_json_atomic(run_dir / "mixture.json", {"step": step, "stages": result.mixture,
-                                                      "plan": plan.summary()})
+        _write_json_atomic(run.run_dir / "mixture.json", {"step": step, "stages": result.mixture,
+                                                          "plan": run.plan.summary()})
     log.log({"event": "end", "step": step, "interrupted": result.interrupted, "mixture": result.mixture,
              "time": time.time()})
     log.close()

@@ -1,4 +1,5 @@
-"""`dhad plot RUN_DIR`: loss, learning-rate and throughput curves of a run, as PNG files.
+"""Loss, learning-rate and throughput curves of a run, as PNG files (the `dhad plot RUN_DIR` command:
+dhad/commands/plot.py).
 
 Reads RUN_DIR/metrics.jsonl (written by `dhad train`) and writes, next to it (or to --out):
     loss.png        training loss per step, validation loss (overall and per source) at evaluations
@@ -7,11 +8,8 @@ Reads RUN_DIR/metrics.jsonl (written by `dhad train`) and writes, next to it (or
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
-
-from dhad.cli import CLIError
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -95,18 +93,3 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         ax2.set_ylabel("MFU (%)", color="C1")
     save(fig, "throughput.png")
     return written
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a `dhad train` run directory (holding metrics.jsonl)")
-    p.add_argument("--out", default=None, help="where to write the PNGs (default: the run directory)")
-
-
-def run(args) -> int:
-    try:
-        paths = plot_run(args.run_dir, args.out)
-    except (ValueError, OSError) as e:
-        raise CLIError(str(e)) from None
-    for p in paths:
-        print(p)
-    return 0

@@ -115,6 +115,10 @@ class ScheduleSpec:
     total_steps: int | None = None  # None: from the stages' token budgets
     min_lr: float = 0.0
     decay: str = "cosine"  # cosine | linear | constant
+    # Clock-driven (warmup-stable-decay): train until `seconds` of training wall time are spent, the
+    # learning rate decaying over the last `decay_fraction` of them; total_steps is then only a cap.
+    seconds: float | None = None
+    decay_fraction: float = 0.2
 
 
 @dataclass
@@ -213,7 +217,8 @@ def _build(cls, d: Any, where: str):
     known = {f.name for f in fields(cls)} - {"source_file"}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}" if where
+                          else f"unknown top-level key(s) {unknown}; allowed: {sorted(known)}")
     kw = {}
     for k, v in d.items():
         kw[k] = _coerce(hints[k], v, f"{where}.{k}" if where else k)
@@ -428,6 +433,10 @@ def validate(r: Recipe) -> None:
         raise RecipeError(f"schedule.min_lr: must be in [0, optimizer.lr={o.lr}], got {sc.min_lr}")
     if sc.total_steps is None and (not r.stages or r.stages[-1].tokens is None):
         raise RecipeError("schedule.total_steps: needed unless the last stage has a token budget")
+    if sc.seconds is not None and not sc.seconds > 0:
+        raise RecipeError(f"schedule.seconds: must be > 0, got {sc.seconds}")
+    if not 0 < sc.decay_fraction <= 1:
+        raise RecipeError(f"schedule.decay_fraction: must be in (0, 1], got {sc.decay_fraction}")
 
     # batch
     b = r.batch
@@ -437,6 +446,8 @@ def validate(r: Recipe) -> None:
         raise RecipeError("batch: give global_batch_size or grad_accum, not both")
     if b.grad_accum is not None and b.grad_accum < 1:
         raise RecipeError("batch.grad_accum: must be >= 1")
+    if b.global_batch_size is not None and b.global_batch_size < 1:
+        raise RecipeError(f"batch.global_batch_size: must be >= 1, got {b.global_batch_size}")
     if b.global_batch_size is not None and b.global_batch_size % b.micro_batch_size:
         raise RecipeError(f"batch.global_batch_size ({b.global_batch_size}) is not a multiple of "
                           f"micro_batch_size ({b.micro_batch_size})")
@@ -457,6 +468,9 @@ def validate(r: Recipe) -> None:
         last = i == len(r.context) - 1
         if not last and c.until_step is None and c.until_tokens is None:
             raise RecipeError(f"{where}: every phase but the last needs until_step or until_tokens")
+        for k in ("micro_batch_size", "global_batch_size", "grad_accum", "until_step"):
+            if getattr(c, k) is not None and getattr(c, k) < 1:
+                raise RecipeError(f"{where}.{k}: must be >= 1, got {getattr(c, k)}")
         mb = c.micro_batch_size or b.micro_batch_size
         if c.global_batch_size is not None and c.global_batch_size % mb:
             raise RecipeError(f"{where}.global_batch_size is not a multiple of the micro batch size {mb}")

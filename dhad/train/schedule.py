@@ -9,6 +9,12 @@ cards count them, from 1: update k uses
 so the jais-adapted-70b-chat numbers read directly: "0 to 2e-5 over <= 380 warmup steps, cosine to
 2e-6 at step 13,175" is lr(380) = 2e-5 and lr(13175) = 2e-6. The loop's 0-based step s is update s + 1.
 
+Clock-driven (`schedule.seconds`, `lr_at_time`): warmup-stable-decay where the decay is placed on the
+wall clock instead of a step count, so a run needs no step count in advance: warmup over the first
+steps, the peak until (1 - decay_fraction) of the seconds have passed, then the decay shape to the
+floor at `seconds`, when the loop ends the run. A fast machine trains more steps, a slow one fewer;
+both end on time with the learning rate at its floor.
+
 Plan: progressive context extension (phases ending at a step or a token count) and the mixture
 stages (ending once their token budget is trained on) cut the run into segments of constant shape.
 Tokens per step = global sequences x seq_len, so stage and phase boundaries are computed exactly,
@@ -36,6 +42,25 @@ def lr_at(step: int, peak: float, warmup: int, total: int, floor: float = 0.0, d
     if decay == "linear":
         return floor + (peak - floor) * (1.0 - p)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def lr_at_time(step: int, elapsed: float, seconds: float, peak: float, warmup: int, floor: float = 0.0,
+               decay: str = "linear", decay_fraction: float = 0.2) -> float:
+    """Learning rate for 0-based step `step` starting `elapsed` seconds into a run of `seconds` (WSD).
+
+    The warmup ramp (by steps) and the time-driven decay both cap the rate (the smaller wins, so a
+    slow machine that reaches the decay window before the end of warmup still ends at the floor)."""
+    k = step + 1
+    ramp = peak * k / warmup if warmup > 0 and k <= warmup else peak
+    if decay == "constant":
+        return ramp
+    start = seconds * (1.0 - decay_fraction)
+    p = min(1.0, max(0.0, (elapsed - start) / max(seconds - start, 1e-9)))
+    if decay == "linear":
+        timed = floor + (peak - floor) * (1.0 - p)
+    else:
+        timed = floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+    return min(ramp, timed)
 
 
 @dataclass(frozen=True)

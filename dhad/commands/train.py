@@ -58,7 +58,7 @@ def _check(recipe) -> int:
     from dhad.train.schedule import build_plan
     # sft rows take their length from the shards; without them the plan is shown in rows (seq_len 1)
     plan = build_plan(recipe, 1, recipe.batch.seq_len or 1)
-    rows = recipe.batch.seq_len is None  # sft rows of the shards' length: count rows, not tokens
+    rows = recipe.batch.seq_len is None and not recipe.context  # sft rows of the shards' length: count rows
     unit = "rows" if rows else "tokens"
     print(f"recipe {recipe.name or recipe.source_file}: type {recipe.type}, {plan.total_steps} steps, "
           f"{format_tokens(plan.total_tokens)} {unit} (1 process)")

@@ -1,8 +1,8 @@
-"""The speedrun's report card: `report.md` plus PNGs (loss curves, throughput, evaluation, fertility).
+"""The speedrun's report card: `report.md`, `report.json` and PNGs (loss, throughput, evaluation, fertility).
 
 Everything here reads what the stages wrote (stage markers, plan.json, the trainer's metrics.jsonl,
-eval/eval.json, check.json, tokenizer/fertility.json), so a report can be rebuilt from a finished
-run directory without recomputing anything. Plots are written atomically (temp file + os.replace).
+eval/eval.json, baseline/ngram.json, check.json, tokenizer/fertility.json), so a report can be rebuilt
+from a finished run directory without recomputing anything. Files are written atomically.
 """
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from dhad.speedrun.common import write_json
+from dhad.speedrun.plan import EXIT_S, TOKENS_PER_PARAM
+from dhad.utils import atomic_write_text
+
 STAGE_LABELS = {
     "plan": "plan (throughput probe, sizes)", "tokenizer": "1. tokenizer", "data": "2. data (clean, dedup, shards)",
     "donor": "3a. donor model (bilingual)", "pretrain": "3. pretrain", "adapt": "3b. extend + adapt (2 stages)",
-    "sft": "4. SFT", "dpo": "4b. DPO", "eval": "5. evaluate", "check": "5b. script check (/score)",
-    "report": "6. report",
+    "baseline": "3c. n-gram baseline", "sft": "4. SFT", "dpo": "4b. DPO", "check": "5a. script check (/score)",
+    "eval": "5b. evaluate", "report": "6. report",
 }
 
 
@@ -100,12 +104,25 @@ def plot_eval(bpb: dict[str, dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _fmt_s(s: float) -> str:
-    return f"{s:.1f}"
+def _cell(text: str, n: int = 120) -> str:
+    return text.replace("\n", " ").replace("|", "\\|")[:n]
+
+
+def _time_rows(run, markers: dict, report_s: float) -> list[dict]:
+    """Planned and used seconds of every stage (the report's own: so far, plus writing its files)."""
+    rows = []
+    for s in run.stages:
+        if s == "report":
+            rows.append({"stage": s, "planned_s": run.planned.get("report"), "used_s": report_s})
+        elif s in markers:
+            m = markers[s]
+            rows.append({"stage": s, "planned_s": m.get("planned_seconds"), "used_s": m["seconds"]})
+    return rows
 
 
 def write_report(run, markers: dict) -> Path:
-    """Write OUT/report.md and the PNGs; `run` is the speedrun's Run, `markers` the finished stages."""
+    """Write OUT/report.md, OUT/report.json and the PNGs; `run` is the speedrun's Run, `markers` the
+    finished stages."""
     t_start = time.perf_counter()
     out = run.out
     plan = run.plan
@@ -115,29 +132,16 @@ def write_report(run, markers: dict) -> Path:
     plot_losses(runs, out / "loss.png")
     plot_throughput(runs, out / "throughput.png")
     ev = json.loads((out / "eval" / "eval.json").read_text(encoding="utf-8"))
-    plot_eval(ev["bpb"], out / "eval.png")
+    ngram = json.loads((out / "baseline" / "ngram.json").read_text(encoding="utf-8"))
+    plot_eval({**ev["bpb"], f"{ngram['order']}-gram KN": ngram["bpb"]}, out / "eval.png")
     fert = json.loads((out / "tokenizer" / "fertility.json").read_text(encoding="utf-8"))
     check = json.loads((out / "check.json").read_text(encoding="utf-8"))
 
     L: list[str] = []
     size = plan["size"]
     L.append(f"# dhad speedrun report — recipe `{cfg.recipe}`{' (CI size)' if cfg.ci else ''}\n")
-    # -- time
-    rows = [(s, markers[s]["seconds"]) for s in run.stages if s in markers]
-    report_s = time.perf_counter() - t_start + 0.5  # this stage so far (+ writing)
-    rows.append(("report", report_s))
-    total = sum(s for _, s in rows)
-    L.append("## Time\n")
-    L.append(f"Budget: {plan['budget_s'] / 60:.1f} min. Sum of stage times: **{total:.1f} s "
-             f"({total / 60:.2f} min)** on {plan['device']} ({plan['cpu_count']} CPUs, load average at start "
-             f"{', '.join(f'{x:.1f}' for x in plan['load_avg']) if plan.get('load_avg') else 'n/a'}).\n")
-    reused = [s for s, _ in rows if markers.get(s, {}).get("finished", time.time()) < run.wall0]
-    if reused:
-        L.append(f"Stages reused from an earlier invocation (resumed run): {', '.join(reused)}.\n")
-    L.append("| stage | seconds | share |\n|---|---:|---:|")
-    for s, sec in rows:
-        L.append(f"| {STAGE_LABELS.get(s, s)} | {_fmt_s(sec)} | {100 * sec / total:.1f}% |")
-    L.append("")
+    # -- time (filled in last: the report's own seconds)
+    time_at = len(L)
     # -- model
     L.append("## Model and plan\n")
     arch = ("Jais-family style: ALiBi, SwiGLU, LayerNorm, muP (embedding scale 9.17, width scale "
@@ -157,21 +161,31 @@ def write_report(run, markers: dict) -> Path:
                  "run — on a busy shared machine one thread can beat two by far): "
                  + ", ".join(f"{k}: {v:,.0f}" for k, v in plan["threads_probe"].items()) + f" → **{plan['threads']}**")
     if plan.get("ladder"):
-        from dhad.speedrun import TOKENS_PER_PARAM
         L.append("- size ladder (measured tokens/s → tokens in the planned pretraining time per non-embedding "
                  f"parameter; the largest size with ≥ {TOKENS_PER_PARAM:g} wins): "
                  + "; ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s → {v['tokens_per_param']:.1f}"
                              for k, v in plan["ladder"].items()))
     L.append("")
-    L.append("| training stage | steps | tokens/s (median) | first loss | last loss | seconds |\n|---|---:|---:|---:|---:|---:|")
+    L.append("Training is clock-driven: each stage trains until its share of the budget is spent, the learning "
+             "rate warming up, holding, and decaying to a tenth over the last 20% of the stage's wall time "
+             "(warmup–stable–decay), so the tokens trained are what this machine managed, not a prediction.\n")
+    L.append("| training stage | steps | tokens seen | tokens the probe predicted | tokens/s (median) | first loss "
+             "| last loss | training seconds (planned → used) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    training = {}
     for s in train_stages:
         o = markers[s]["outputs"]
         tps = f"{o['tokens_per_s']:,.0f}" if o.get("tokens_per_s") else "–"
-        cut = o.get("deadline_cut")
-        note = (" (resumed)" if o.get("resumed") else "") + (
-            f" (cut at step {cut['at_step']} of {cut['planned_steps']}: out of time)" if cut else "")
-        L.append(f"| {s}{note} | {o['steps']} | {tps} | "
-                 f"{o['first_loss']:.3f} | {o['last_loss']:.3f} | {o['train_seconds']:.1f} |")
+        pred = (o["loop_seconds_planned"] or 0) * plan["tokens_per_s"] if o.get("loop_seconds_planned") else None
+        loop = (f"{o['loop_seconds_planned']:.1f} → {o['loop_seconds']:.1f}" if o.get("loop_seconds_planned")
+                else f"{o['train_seconds']:.1f}")
+        note = " (resumed)" if o.get("resumed") else ""
+        seen = o.get("tokens_seen")
+        L.append(f"| {s}{note} | {o['steps']} | {f'{seen:,}' if seen is not None else '–'} | "
+                 f"{f'{pred:,.0f}' if pred else '–'} | {tps} | {o['first_loss']:.3f} | {o['last_loss']:.3f} | {loop} |")
+        training[s] = {k: o.get(k) for k in ("steps", "tokens_seen", "tokens_by_source", "tokens_per_s", "first_loss",
+                                             "last_loss", "last_lr", "loop_seconds", "loop_seconds_planned",
+                                             "train_seconds", "resumed")}
+        training[s]["tokens_predicted_by_probe"] = pred
     L.append("\n![loss](loss.png)\n\n![throughput](throughput.png)\n")
     # -- tokenizer
     L.append("## Tokenizer\n")
@@ -217,18 +231,36 @@ def write_report(run, markers: dict) -> Path:
     L.append("")
     # -- evaluation
     L.append("## Evaluation\n")
-    L.append("Held-out bits per byte (same texts for every model, UTF-8 bytes, special tokens excluded):\n")
+    order = ngram["order"]
+    base_label = f"{order}-gram Kneser–Ney (baseline)"
+    L.append("Held-out bits per byte (same texts for every model, UTF-8 bytes, special tokens excluded). The "
+             f"baseline is an interpolated modified Kneser–Ney {order}-gram model counted on exactly the "
+             f"{ngram['tokens']:,} tokens pretraining read (in the trainer's order; one pass where it read more), "
+             "its order chosen among 1–" f"{ngram['max_order']} on the sample's held-out documents (not these): "
+             "what word statistics alone reach on this data.\n")
     L.append("| model | Arabic bpb | English bpb |\n|---|---:|---:|")
     for m, v in ev["bpb"].items():
         L.append(f"| {m} | {v['arabic']['bpb']:.4f} | {v['english']['bpb']:.4f} |")
+    L.append(f"| {base_label} | {ngram['bpb']['arabic']['bpb']:.4f} | {ngram['bpb']['english']['bpb']:.4f} |")
+    best = "pretrained" if "pretrained" in ev["bpb"] else "adapted"
+    if best in ev["bpb"]:
+        gap = {lang: ev["bpb"][best][lang]["bpb"] - ngram["bpb"][lang]["bpb"] for lang in ("arabic", "english")}
+        L.append(f"\nThe {best} transformer against the baseline: Arabic {gap['arabic']:+.3f}, English "
+                 f"{gap['english']:+.3f} bits per byte (negative: it predicts better than the n-gram counts).")
+    L.append("\n| order | " + " | ".join(k for k in ("arabic", "english")) + " | both (selection split) |\n|---:|---:|---:|---:|")
+    for k, v in ngram["order_selection"]["bpb_by_order"].items():
+        L.append(f"| {k}{' ←' if int(k) == order else ''} | {v['arabic']:.4f} | {v['english']:.4f} | {v['all']:.4f} |")
     L.append("\nSFT trains on chat-formatted answers only, so bits per byte on plain held-out text usually "
-             "rises a little after it; the point of the comparison is trained vs untrained.\n")
+             "rises a little after it; the point of the comparison is trained vs untrained vs counted.\n")
     L.append("![eval](eval.png)\n")
+    how = ev.get("bench_limit") or {}
     if ev.get("bench_table"):
-        L.append(f"Benchmarks of the cards (0-shot, log-likelihood, `--limit {plan['bench_limit']}`: the first "
-                 f"{plan['bench_limit']} examples of every task and subtask; a model this small is expected near "
-                 "chance, and first-rows samples can be one-sided):\n")
+        L.append(f"Benchmarks of the cards (0-shot, log-likelihood, `--limit {how.get('limit')}`: the first "
+                 f"{how.get('limit')} examples of every task and subtask — {how.get('why', '')}; a model this small "
+                 "is expected near chance, and first-rows samples can be one-sided):\n")
         L.append(ev["bench_table"])
+    elif how:
+        L.append(f"Benchmarks: not run ({how.get('why')}).\n")
     # -- script check
     L.append("## Does it answer in the language it is asked in?\n")
     p = check["parameters"]
@@ -239,8 +271,7 @@ def write_report(run, markers: dict) -> Path:
              f"Result: **{'PASSED' if check['passed'] else 'FAILED'}**.\n")
     L.append("| asked in | question | answer (start) | answer script | ok |\n|---|---|---|---|---|")
     for r in check["answers"]:
-        ans = r["answer"].replace("\n", " ").replace("|", "\\|")[:120]
-        L.append(f"| {r['lang']} | {r['question']} | {ans} | {r['script']} | {'yes' if r['ok'] else 'no'} |")
+        L.append(f"| {r['lang']} | {r['question']} | {_cell(r['answer'])} | {r['script']} | {'yes' if r['ok'] else 'no'} |")
     ds = check.get("default_system")
     if ds:
         L.append(f"\nThe same questions with the template's default (English) instruction for both languages: "
@@ -248,8 +279,16 @@ def write_report(run, markers: dict) -> Path:
                  f"({sum(r['ok'] for r in ds['answers'])}/{len(ds['answers'])} in the question's script).\n")
         L.append("| asked in | question | answer (start) | answer script | ok |\n|---|---|---|---|---|")
         for r in ds["answers"]:
-            ans = r["answer"].replace("\n", " ").replace("|", "\\|")[:120]
-            L.append(f"| {r['lang']} | {r['question']} | {ans} | {r['script']} | {'yes' if r['ok'] else 'no'} |")
+            L.append(f"| {r['lang']} | {r['question']} | {_cell(r['answer'])} | {r['script']} | "
+                     f"{'yes' if r['ok'] else 'no'} |")
+    answers = []
+    if check.get("before_sft"):
+        L.append("\nGreedy answers before SFT (the pretrained model, same prompts) and after:\n")
+        L.append("| asked in | question | before SFT | after SFT |\n|---|---|---|---|")
+        for b, a in zip(check["before_sft"], check["answers"]):
+            L.append(f"| {a['lang']} | {a['question']} | {_cell(b['answer'], 90)} | {_cell(a['answer'], 90)} |")
+            answers.append({"lang": a["lang"], "question": a["question"], "before_sft": b["answer"],
+                            "after_sft": a["answer"]})
     L.append("")
     # -- use it
     final = out / "final"
@@ -257,8 +296,48 @@ def write_report(run, markers: dict) -> Path:
     L.append(f"```\ndhad chat --model {final}\ndhad serve --model {final}\n```\n")
     L.append("`dhad serve` offers the card's `POST /score` ({\"input_data\": {\"input_string\": [...], "
              "\"parameters\": {...}}} → {\"output\": ...}), the OpenAI API under `/v1`, and a web chat at `/`.\n")
-    path = out / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(L) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+
+    # -- time, last: every stage's planned and used seconds, this one's included
+    rows = _time_rows(run, markers, time.perf_counter() - t_start + 0.2)
+    total = sum(r["used_s"] for r in rows)
+    wall = run.spent() + 0.2 + EXIT_S
+    T = ["## Time\n",
+         f"Budget: {plan['budget_s'] / 60:.1f} min ({plan['budget_s']:.0f} s). Sum of stage times: **{total:.1f} s**; "
+         f"the whole run, interpreter start and exit included: **~{wall:.0f} s ({wall / 60:.2f} min)** on "
+         f"{plan['device']} ({plan['cpu_count']} CPUs, load average at start "
+         f"{', '.join(f'{x:.1f}' for x in plan['load_avg']) if plan.get('load_avg') else 'n/a'}).\n"]
+    reused = [r["stage"] for r in rows if markers.get(r["stage"], {}).get("finished", time.time()) < run.wall0]
+    if reused:
+        T.append(f"Stages reused from an earlier invocation (resumed run): {', '.join(reused)}.\n")
+    T.append("Planned: the seconds a stage was given when it started (training stages and evaluation use exactly "
+             "that: training stops on the clock, evaluation sizes its benchmarks to it; the others are "
+             "estimates).\n")
+    T.append("| stage | planned s | used s | used / planned | share |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        pl, used = r["planned_s"], r["used_s"]
+        planned = f"{pl:.1f}" if pl is not None else "–"
+        ratio = f"{100 * used / pl:.0f}%" if pl else "–"
+        T.append(f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {planned} | {used:.1f} | {ratio} | "
+                 f"{100 * used / total:.1f}% |")
+    T.append("")
+    L[time_at:time_at] = T
+    atomic_write_text(out / "report.md", "\n".join(L) + "\n")
+    write_json(out / "report.json", {
+        "recipe": cfg.recipe, "ci": cfg.ci, "budget_s": plan["budget_s"], "wall_s": wall, "stages_s": total,
+        "stages": {r["stage"]: {"planned_s": r["planned_s"], "used_s": r["used_s"]} for r in rows},
+        "model": {"size": size, "params": plan["params"], "precision": plan["precision"], "threads": plan["threads"]},
+        "training": training,
+        "bpb": {m: {lang: v[lang]["bpb"] for lang in ("arabic", "english")} for m, v in ev["bpb"].items()},
+        "ngram": {"order": order, "tokens": ngram["tokens"], "max_order": ngram["max_order"],
+                  "bpb": {lang: ngram["bpb"][lang]["bpb"] for lang in ("arabic", "english")}},
+        "check": {"passed": check["passed"], "default_system_passed": (ds or {}).get("passed")},
+        "answers": answers, "bench_limit": how.get("limit"),
+        "bench": {k: v["average"] for k, v in ev.get("bench", {}).items()},
+    })
+    return out / "report.md"
+
+
+def stage_report(run, markers: dict) -> dict:
+    path = write_report(run, markers)
+    run.say(f"  wrote {path} and {run.p('report.json')}")
+    return {"report": str(path), "report_json": str(run.p("report.json"))}
