@@ -256,9 +256,13 @@ def test_kill_9_then_rerun_skips_finished_tasks_and_writes_the_same_output(corpu
     assert not (logs / "work").exists()                           # intermediate files go once the run is done
 
 
-def test_logging_dir_of_another_configuration_is_refused(corpus, tmp_path):
+def test_logging_dir_of_a_finished_run_and_of_another_configuration(corpus, tmp_path, monkeypatch):
     logs = tmp_path / "logs"
-    prep.prepare(cfg(corpus, tmp_path / "a", tasks=2, logging_dir=str(logs), dedup=DedupConfig(near=False)))
+    first = prep.prepare(cfg(corpus, tmp_path / "a", tasks=2, logging_dir=str(logs), dedup=DedupConfig(near=False)))
+    monkeypatch.setattr(steps.ReadDocuments, "run", None)       # nothing may run again
+    assert prep.prepare(cfg(corpus, tmp_path / "a", tasks=2, logging_dir=str(logs),
+                            dedup=DedupConfig(near=False))) == first
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="another configuration.*seed"):
         prep.prepare(cfg(corpus, tmp_path / "a", tasks=2, logging_dir=str(logs), seed=5,
                          dedup=DedupConfig(near=False)))

@@ -182,7 +182,7 @@ def _fingerprint(cfg: PrepareConfig, p: Plan) -> dict:
     keep = ("text_fields", "txt_mode", "max_doc_chars", "clean", "filters", "dedup", "val_fraction", "seed",
             "mix", "total_tokens", "shard_tokens", "max_docs", "bucket_workers")
     d = {k: v for k, v in asdict(cfg).items() if k in keep}
-    return _jsonable({**d, "out": os.path.abspath(cfg.out), "units": p.units, "bounds": p.bounds,
+    return _jsonable({**d, "out": os.path.abspath(cfg.out), "tasks": p.tasks, "units": p.units, "bounds": p.bounds,
                       "tokenizer_hash": p.tokenizer["hash"]})
 
 
@@ -340,10 +340,11 @@ def prepare(cfg: PrepareConfig) -> dict | None:
                 from loguru import logger
                 logger.disable("datatrove")
             try:
-                for ex in executors:
-                    ex.run()
-                    if ex.stage == "process":
-                        _check_read(logging_dir, p)
+                if executors[-1].get_incomplete_ranks():   # else a finished run: its report is the answer
+                    for ex in executors:
+                        ex.run()
+                        if ex.stage == "process":
+                            _check_read(logging_dir, p)
             finally:
                 if quiet:
                     from loguru import logger
