@@ -49,7 +49,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--mix", default=None, help="train mixture weights SOURCE=W,... (e.g. english=2,arabic=1,code=0.4) "
                                                 "or a card preset: jais-family, jais-adapted-7b, ...")
     p.add_argument("--total-tokens", type=int, default=None, help="train tokens to write (sources repeat as needed)")
-    p.add_argument("--workers", type=int, default=2, help="processes for cleaning/filtering/tokenization")
+    p.add_argument("--executor", choices=("local", "slurm", "ray"), default="local",
+                   help="datatrove executor: local processes (default), a Slurm job array per stage, or Ray")
+    p.add_argument("--tasks", type=int, default=None,
+                   help="datatrove tasks reading the inputs (contiguous runs of files; big .jsonl files are cut in "
+                        "byte ranges). Default: locally 4 per worker (at most one per MiB), else one per input file")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tasks run at once (default: 2 locally; no limit on slurm/ray)")
+    p.add_argument("--logging-dir", default=None,
+                   help="datatrove logging folder (completions, stats, logs, work files; any fsspec path): rerun "
+                        "with the same one to resume after a crash. Required for slurm/ray")
+    p.add_argument("--executor-config", default=None, metavar="FILE.yaml",
+                   help="executor options: {slurm|ray|local: {...}, stages: {process|buckets|dedup|merge: {...}}} "
+                        "(see docs/examples/prepare-slurm.yaml, prepare-ray.yaml)")
+    p.add_argument("--bucket-workers", type=int, default=1,
+                   help="datatrove tasks per MinHash bucket (hash ranges; for very large runs)")
     p.add_argument("--normalization", choices=("arabic", "nfc", "nfkc", "none"), default="arabic")
     p.add_argument("--keep-tatweel", action="store_true", help="do not remove tatweel (kashida)")
     p.add_argument("--no-boilerplate", action="store_true", help="keep boilerplate lines")
@@ -151,12 +165,39 @@ def _prepare(args, root) -> int:
         dedup=DedupConfig(exact=not args.no_dedup, near=not (args.no_dedup or args.no_near_dedup),
                           threshold=args.dedup_threshold),
         val_fraction=0.01 if args.val_fraction is None else args.val_fraction, seed=args.seed,
-        mix=parse_mix(args.mix), total_tokens=args.total_tokens, workers=args.workers, allow_hub=args.hf,
-        max_docs=args.max_rows, progress=not args.no_progress)
+        mix=parse_mix(args.mix), total_tokens=args.total_tokens,
+        workers=args.workers if args.workers is not None else (2 if args.executor == "local" else -1),
+        allow_hub=args.hf, max_docs=args.max_rows, progress=not args.no_progress, executor=args.executor,
+        tasks=args.tasks, logging_dir=args.logging_dir, executor_options=_executor_config(args.executor_config),
+        bucket_workers=args.bucket_workers)
     report = prepare(cfg)
+    if report is None:   # slurm: submitted
+        print(f"submitted the prepare stages as Slurm job arrays (logs, stats and completions in {args.logging_dir}); "
+              f"the last job writes {args.out}/train, {args.out}/validation and {args.out}/report.json. "
+              "Rerun the same command to resubmit unfinished tasks.")
+        return 0
     print(format_report(report))
     print(f"\nwrote {args.out}/train, {args.out}/validation and {args.out}/report.json")
     return 0
+
+
+def _executor_config(path: str | None) -> dict:
+    """--executor-config FILE.yaml -> the executor options dict (a mapping, or a clear error)."""
+    from dhad.cli import CLIError
+    if not path:
+        return {}
+    import yaml
+    try:
+        d = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CLIError(f"--executor-config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise CLIError(f"--executor-config {path}: not valid YAML ({e})") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise CLIError(f"--executor-config {path}: expected a mapping (slurm:/ray:/local:/stages:), got {type(d).__name__}")
+    return d
 
 
 def _sft(args, root) -> int:

@@ -7,7 +7,12 @@
     dedup.py    exact + MinHash-LSH near-duplicate removal
     encoder.py  the tokenizer as the pipeline uses it (piecewise encoding for exact chat loss masks)
     sample.py   sampling a corpus folder by characters (equal shares per file, held-out documents)
-    prepare.py  `dhad data prepare`: the pretraining pipeline, mixture weights, report
+    steps.py    the pretraining pipeline as datatrove pipeline steps (read, clean, filter, tokenize, MinHash
+                stages, merge into shards + report)
+    prepare.py  `dhad data prepare`: plans the inputs, builds the stages on datatrove's local / Slurm / Ray
+                executor and runs them; the report table
+    mixture.py  mixture weights (card presets) -> per-source token quotas
+    reference.py  the sequential single-process pipeline it replaced (tests and benchmarks only)
     sft.py      `dhad data sft`: chat/Alpaca rows -> packed or unpacked SFT rows with loss masks
     prefs.py    `dhad data prefs`: preference pairs -> (prompt, chosen, rejected) ids
 

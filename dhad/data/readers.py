@@ -20,6 +20,10 @@ few locations (``file:line``) so the report can say where to look:
 
 ``ReadStats.records + sum(ReadStats.skipped.values())`` is therefore the number of units read, plus one
 per file-level problem. The structured readers (``text_fields=None``: sft, prefs) get whole rows.
+
+Inputs may be local paths or any fsspec URL (``s3://bucket/corpus``, ``hf://datasets/org/name/data``,
+``memory://...``): directories, globs and files work the same way (``hf:NAME`` without ``//`` is a Hugging
+Face *dataset* read through `datasets`, see :func:`read_hf`).
 """
 from __future__ import annotations
 
@@ -32,8 +36,9 @@ import os
 import re
 import zlib
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
@@ -44,9 +49,18 @@ COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
-def _kind(path: Path) -> str | None:
+def is_url(spec: str) -> bool:
+    """An fsspec URL (``s3://…``, ``hf://…``, ``memory://…``), as opposed to a local path or ``hf:NAME``."""
+    return "://" in str(spec)
+
+
+def _is_hf_dataset(spec: str) -> bool:
+    return spec.startswith("hf:") and not spec.startswith("hf://")
+
+
+def _kind(path) -> str | None:
     """jsonl | json | csv | tsv | parquet | txt, from the name (``x.jsonl.gz`` is jsonl), else None."""
-    suffixes = [s.lower() for s in path.suffixes]
+    suffixes = [s.lower() for s in PurePosixPath(str(path)).suffixes]
     if suffixes and suffixes[-1] in COMPRESSIONS:
         suffixes = suffixes[:-1]
         if suffixes and suffixes[-1] == ".parquet":
@@ -93,6 +107,11 @@ class ReadStats:
         return {"files": self.files, "records": self.records, "skipped": dict(self.skipped),
                 "skipped_examples": self.examples}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReadStats":
+        return cls(files=d["files"], records=d["records"], skipped=Counter(d["skipped"]),
+                   examples={k: list(v) for k, v in d["skipped_examples"].items()})
+
 
 class NoInput(ValueError):
     """Not a single record could be read: nothing is written (an existing output stays as it was)."""
@@ -119,10 +138,13 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], root: str | os.PathLike |
     for raw in inputs:
         raw = str(raw)
         src = None
-        if "=" in raw and not raw.startswith("hf:"):
+        if "=" in raw and not raw.startswith("hf:") and not is_url(raw.split("=", 1)[0]):
             src, raw = raw.split("=", 1)
-        if raw.startswith("hf:"):
+        if _is_hf_dataset(raw):
             out.append((raw, src or raw[3:].split(":")[0].replace("/", "_")))
+            continue
+        if is_url(raw):
+            out += _expand_url(raw, src)
             continue
         p = Path(raw)
         if root is not None and not p.is_absolute() and not p.exists() and (root / p).exists():
@@ -130,9 +152,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], root: str | os.PathLike |
         if p.is_dir():
             # every file below it except hidden ones, MANIFEST.md and licenses/ folders; files no reader
             # handles are listed too, so that they are counted (unsupported_format), never silently left out
-            files = sorted(f for f in p.rglob("*") if f.is_file()
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                           and f.name.upper() != "MANIFEST.MD" and "licenses" not in f.relative_to(p).parts)
+            files = sorted(f for f in p.rglob("*") if f.is_file() and _listed(f.relative_to(p).parts))
             for f in files:  # source: the top-level folder under p, or p's own name for files directly in it
                 rel = f.relative_to(p)
                 out.append((str(f), src or (rel.parts[0] if len(rel.parts) > 1 else p.name)))
@@ -145,6 +165,30 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], root: str | os.PathLike |
         else:
             out.append((str(p), src or _default_source(p, root)))
     return out
+
+
+def _listed(rel_parts: tuple[str, ...]) -> bool:
+    """Whether a file found below an input directory is read: not hidden, not MANIFEST.md, not licenses/."""
+    return (not any(part.startswith(".") for part in rel_parts) and rel_parts[-1].upper() != "MANIFEST.MD"
+            and "licenses" not in rel_parts)
+
+
+def _expand_url(raw: str, src: str | None) -> list[tuple[str, str]]:
+    """``expand_inputs`` for an fsspec URL: a directory (every file below it, sources = its top-level
+    folders), a glob, or one file (kept even when missing, so that it is counted)."""
+    import fsspec
+    fs, path = fsspec.core.url_to_fs(raw)
+    if any(ch in path for ch in "*?["):
+        return [(fs.unstrip_protocol(f), src or PurePosixPath(f).stem) for f in sorted(fs.glob(path)) if fs.isfile(f)]
+    if fs.isdir(path):
+        base = PurePosixPath(path.rstrip("/"))
+        out = []
+        for f in sorted(fs.find(path)):
+            rel = PurePosixPath(f).relative_to(base).parts
+            if rel and _listed(rel):
+                out.append((fs.unstrip_protocol(f), src or (rel[0] if len(rel) > 1 else base.name)))
+        return out
+    return [(raw, src or PurePosixPath(path).stem)]
 
 
 def _default_source(f: Path, root: Path | None) -> str:
@@ -184,20 +228,58 @@ def split_long(text: str, max_chars: int, _seps: tuple[str, ...] = ("\n\n", "\n"
     return out
 
 
-def _open(path: Path):
-    """The file's bytes, decompressed when its name ends in .gz / .bz2 / .xz."""
-    opener = COMPRESSIONS.get(path.suffix.lower())
+def _open(path):
+    """The file's bytes, decompressed when its name ends in .gz / .bz2 / .xz (a local path or an fsspec URL)."""
+    suffix = PurePosixPath(str(path)).suffix.lower()
+    if is_url(path):
+        return _open_url(str(path), {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}.get(suffix))
+    opener = COMPRESSIONS.get(suffix)
     return opener(path, "rb") if opener else open(path, "rb")
 
 
-def _iter_lines(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
+@contextmanager
+def _open_url(url: str, compression: str | None):
+    import fsspec
+    with fsspec.open(url, "rb", compression=compression) as f:
+        yield f
+
+
+def splittable(spec: str) -> bool:
+    """Whether a file can be read in byte ranges (``read_documents`` with ``(spec, source, (start, end))``):
+    an uncompressed local JSON-lines file, whose records are its lines."""
+    return not is_url(spec) and not _is_hf_dataset(spec) and _kind(spec) == "jsonl" \
+        and PurePosixPath(spec).suffix.lower() not in COMPRESSIONS and Path(spec).is_file()
+
+
+def _seek_line(f, start: int) -> tuple[int, int]:
+    """Position ``f`` at the first line that starts at byte ``start`` or later; returns (lines before it,
+    its byte position). A line belongs to the byte range its first byte is in."""
+    if start <= 0:
+        return 0, 0
+    lines, left = 0, start - 1
+    while left:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        lines += chunk.count(b"\n")
+        left -= len(chunk)
+    rest = f.readline()   # through the first newline at or after start - 1
+    return lines + rest.endswith(b"\n"), start - 1 + len(rest)
+
+
+def _iter_lines(path: Path, stats: ReadStats, byte_range: tuple[int, int] | None = None) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, decoded line) — an invalid UTF-8 line is counted and skipped; a file
     that cannot be read to its end (a truncated or corrupt archive, an I/O error) is counted at the line
-    where reading stopped, keeping the lines before it."""
+    where reading stopped, keeping the lines before it. ``byte_range=(start, end)``: only the lines that
+    start in it (line numbers still count from the top of the file)."""
     i = 0
     try:
         with _open(path) as f:
-            for i, raw in enumerate(f, 1):
+            lines = f
+            if byte_range is not None:
+                i, pos = _seek_line(f, byte_range[0])
+                lines = _lines_before(f, pos, byte_range[1])
+            for i, raw in enumerate(lines, i + 1):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
@@ -208,6 +290,15 @@ def _iter_lines(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
                 yield i, line
     except _READ_ERRORS as e:
         stats.skip("unreadable_file", f"{path}:{i + 1} ({type(e).__name__}: {e})")
+
+
+def _lines_before(f, pos: int, end: int) -> Iterator[bytes]:
+    while pos < end:
+        raw = f.readline()
+        if not raw:
+            return
+        pos += len(raw)
+        yield raw
 
 
 def lone_surrogate(obj, where: str = "") -> str | None:
@@ -283,8 +374,9 @@ def _row_doc(row, where: str, source, stats, text_fields, checked: bool = False)
     yield Doc(text=text, source=source, origin=where, row=row)
 
 
-def read_jsonl(path: Path, source: str, stats: ReadStats, text_fields: list[str] | None) -> Iterator[Doc]:
-    for i, line in _iter_lines(path, stats):
+def read_jsonl(path: Path, source: str, stats: ReadStats, text_fields: list[str] | None,
+               byte_range: tuple[int, int] | None = None) -> Iterator[Doc]:
+    for i, line in _iter_lines(path, stats, byte_range):
         if not line.strip():
             stats.skip("empty", f"{path}:{i}")
             continue
@@ -422,13 +514,19 @@ def read_parquet(path: Path, source: str, stats: ReadStats, text_fields: list[st
         return
     i = 0
     try:
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                i += 1
-                yield from _row_doc(row, f"{path}:{i}", source, stats, text_fields)
+        with _open(path) if is_url(path) else _nullcontext(path) as f:
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(batch_size=1024):
+                for row in batch.to_pylist():
+                    i += 1
+                    yield from _row_doc(row, f"{path}:{i}", source, stats, text_fields)
     except Exception as e:  # a corrupt file or row group: count it (with how far it got), keep the rows before
         stats.skip("unreadable_file", f"{path}:{i + 1} ({type(e).__name__}: {str(e)[:120]})")
+
+
+@contextmanager
+def _nullcontext(x):
+    yield x
 
 
 def read_hf(spec: str, source: str, stats: ReadStats, text_fields: list[str] | None, allow_hub: bool) -> Iterator[Doc]:
@@ -463,20 +561,38 @@ def read_hf(spec: str, source: str, stats: ReadStats, text_fields: list[str] | N
 
 def read_documents(inputs: Iterable[tuple[str, str]], stats: ReadStats, text_fields: list[str] | None = ("text",),
                    txt_mode: str = "paragraph", max_chars: int = 20_000, allow_hub: bool = False) -> Iterator[Doc]:
-    """Stream documents from ``expand_inputs`` output. ``text_fields=None`` yields raw rows (``Doc.row``)."""
+    """Stream documents from ``expand_inputs`` output. ``text_fields=None`` yields raw rows (``Doc.row``).
+    An input may also be ``(spec, source, (start, end))``: the lines of a JSON-lines file that start in
+    that byte range (``splittable``), so that one large file can be read by several tasks."""
     tf = list(text_fields) if text_fields is not None else None
-    for spec, source in inputs:
-        if spec.startswith("hf:"):
+    for spec, source, *part in inputs:
+        byte_range = tuple(part[0]) if part and part[0] is not None else None
+        if byte_range is not None:   # a part of a JSON-lines file (see ``splittable``); its first part counts the file
+            path = Path(spec)
+            if not path.is_file():
+                if byte_range[0] == 0:
+                    stats.skip("missing_file", str(path))
+                continue
+            stats.files += byte_range[0] == 0
+            yield from read_jsonl(path, source, stats, tf, byte_range)
+            continue
+        if _is_hf_dataset(spec):
             stats.files += 1
             yield from read_hf(spec, source, stats, tf, allow_hub)
             continue
-        path = Path(spec)
-        if not path.is_file():
-            stats.skip("missing_file", str(path))
-            continue
-        if not os.access(path, os.R_OK):
-            stats.skip("unreadable_file", f"{path} (permission denied)")
-            continue
+        if is_url(spec):
+            path = spec
+            if not _url_is_file(spec):
+                stats.skip("missing_file", spec)
+                continue
+        else:
+            path = Path(spec)
+            if not path.is_file():
+                stats.skip("missing_file", str(path))
+                continue
+            if not os.access(path, os.R_OK):
+                stats.skip("unreadable_file", f"{path} (permission denied)")
+                continue
         kind = _kind(path)
         if kind is None:
             stats.skip("unsupported_format", f"{path} (readable: {', '.join(sorted(SUFFIXES))}, "
@@ -495,6 +611,12 @@ def read_documents(inputs: Iterable[tuple[str, str]], stats: ReadStats, text_fie
             stats.skip("unsupported_format", f"{path} (structured data must be jsonl/json/csv/parquet)")
         else:
             yield from read_txt(path, source, stats, txt_mode, max_chars)
+
+
+def _url_is_file(url: str) -> bool:
+    import fsspec
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isfile(path)
 
 
 def format_skips(verb: str, counts: dict, examples: dict, width: int = 24) -> list[str]:
