@@ -113,3 +113,101 @@ def test_dhad_adapter_loads_in_peft_and_merges_like_it(llama_dir, tmp_path):
         merge_lora(model)
         assert not lora_layers(model)
         assert (model(ids) - merged_ref).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Jais: PEFT's format over the published Jais names, round trip, merge
+
+def test_jais_adapter_round_trip_uses_jais_names_and_merges(tmp_path):
+    from safetensors import safe_open
+    model = Transformer(Config.from_name("tiny-jais")).init_weights(seed=1).eval()
+    dhad.save_model(model, tmp_path / "base")
+    model = dhad.load_model(tmp_path / "base")
+    with pytest.raises(LoraError, match="q, k and v together"):
+        apply_lora(dhad.load_model(tmp_path / "base"), LoraConfig(targets=("q", "v")))
+    apply_lora(model, LoraConfig(r=2, alpha=4, targets=("q", "k", "v", "o", "gate", "up", "down")), seed=3)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            for b in m.lora_B.values():
+                b.normal_(0, 0.2)
+    save_adapter(model, tmp_path / "a")
+    # keys are PEFT's over the HF Jais module names, A [r, in] / B [out, r] against the Conv1D [in, out] weights
+    with safe_open(str(tmp_path / "base" / "model.safetensors"), framework="pt") as f:
+        base_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), framework="pt") as f:
+        keys = sorted(f.keys())
+        for k in keys:
+            mod = k[len("base_model.model."):-len(".lora_A.weight")]
+            w_in, w_out = base_shapes[mod + ".weight"]
+            shape = tuple(f.get_slice(k).get_shape())
+            assert shape == ((2, w_in) if ".lora_A." in k else (w_out, 2)), k
+    assert len(keys) == 2 * 5 * 2 and "base_model.model.transformer.h.1.mlp.c_fc2.lora_B.weight" in keys
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True and "c_attn" in cfg["target_modules"]
+    ids = torch.randint(0, 512, (2, 10))
+    with torch.no_grad():
+        want = model(ids)
+        back = dhad.load_model(tmp_path / "base", adapter=tmp_path / "a")
+        assert (back(ids) - want).abs().max() < 1e-6
+        assert (back(ids) - dhad.load_model(tmp_path / "base")(ids)).abs().max() > 1e-3
+        dhad.save_model(merge_lora(back), tmp_path / "merged")
+        assert (dhad.load_model(tmp_path / "merged")(ids) - want).abs().max() < 1e-5
+
+
+def test_read_adapter_keys_and_bad_adapters(llama_dir, tmp_path):
+    model = apply_lora(dhad.load_model(llama_dir), LoraConfig(r=2, targets=("k", "down")))
+    save_adapter(model, tmp_path / "a")
+    cfg, w = read_adapter(tmp_path / "a")
+    assert cfg.r == 2 and cfg.targets == ("k", "down") and cfg.scaling == 8.0
+    assert set(w) == {(f"h.{i}.{m}", s) for i in range(2) for m, s in (("attn.qkv", "k"), ("mlp.proj", "down"))}
+    a, b = w[("h.0.attn.qkv", "k")]
+    assert a.shape == (2, 64) and b.shape == (32, 2)  # tiny-llama: 2 KV heads of 16
+    with pytest.raises(LoraError, match="adapter_config.json"):
+        read_adapter(tmp_path)
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "use_dora": True}))
+    with pytest.raises(LoraError, match="use_dora"):
+        read_adapter(tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(LoraError, match="rank r=4"):
+        read_adapter(tmp_path / "a")
+    jais = Transformer(Config.from_name("tiny-jais"))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    with pytest.raises(LoraError, match="other layout"):
+        load_adapter(jais, tmp_path / "a")
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA: NF4 against the paper's table, by hand
+
+# The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023, appendix E).
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])
+
+
+def _nf4_by_hand(w):
+    blocks = w.reshape(-1, 64)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    code = ((blocks / absmax)[..., None] - NF4).abs().argmin(-1)
+    return code, absmax
+
+
+def test_nf4_dequantised_weights_equal_the_nf4_rounding_by_hand():
+    pytest.importorskip("bitsandbytes")
+    from dhad.lora import dequantize_nf4, quantize_nf4
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    code, absmax = _nf4_by_hand(w)
+    packed, st = quantize_nf4(w, double_quant=False)
+    assert packed.numel() * 2 == w.numel() and packed.dtype == torch.uint8
+    got = dequantize_nf4(packed, st).reshape(-1, 64)
+    assert torch.allclose(got, NF4[code] * absmax, rtol=1e-6, atol=0)
+    # double quantisation: the same codes, each block's scale now an 8-bit approximation of its absmax
+    packed2, st2 = quantize_nf4(w, double_quant=True)
+    got2 = dequantize_nf4(packed2, st2).reshape(-1, 64)
+    nz = NF4[code] != 0
+    scale = torch.where(nz, got2 / NF4[code].where(nz, torch.ones(())), torch.nan)
+    per_block = scale.nanmean(1, keepdim=True)
+    assert torch.allclose(scale[nz], per_block.expand_as(scale)[nz], rtol=1e-5)
+    assert ((per_block - absmax).abs() / absmax).max() < 0.02
+    assert (got2[~nz] == 0).all()
