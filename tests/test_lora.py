@@ -15,6 +15,7 @@ from dhad.lora import (LoraConfig, LoraError, apply_lora, load_adapter, lora_dis
 from dhad.model import Transformer
 
 peft = pytest.importorskip("peft")  # the test extra: tests/test_dependencies.py checks it is declared
+pytestmark = pytest.mark.one_thread  # tiny models: see conftest._one_thread
 
 HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
             "down": "down_proj"}
@@ -211,3 +212,94 @@ def test_nf4_dequantised_weights_equal_the_nf4_rounding_by_hand():
     assert torch.allclose(scale[nz], per_block.expand_as(scale)[nz], rtol=1e-5)
     assert ((per_block - absmax).abs() / absmax).max() < 0.02
     assert (got2[~nz] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: the peft block in sft and dpo runs
+
+def _sft_world(root, vocab=512, n=160, seq=48):
+    """A tiny-llama base directory and packed SFT shards of a learnable task (answer = the prompt reversed)."""
+    from dhad.data.shards import Example, ShardWriter, pack_examples
+    dhad.save_model(Transformer(Config.from_name("tiny-llama", block_size=64)).init_weights(seed=0), root / "base")
+    g = torch.Generator().manual_seed(0)
+    exs = []
+    for _ in range(n):
+        p = torch.randint(3, 40, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()
+        a = p[::-1] + [2]
+        exs.append(Example(ids=[1] + p + [40] + a, mask=[0] * (len(p) + 2) + [1] * len(a)))
+    for split, part in (("validation", exs[:16]), ("train", exs[16:])):
+        with ShardWriter(root / "sft", split, "sft", vocab_size=vocab, eos_token_id=2, seq_len=seq, packed=True) as w:
+            for t, m, s in pack_examples(part, seq, 0):
+                w.add(t, mask=m, segments=s)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sft_world(tmp_path_factory):
+    return _sft_world(tmp_path_factory.mktemp("lora-sft"))
+
+
+def _sft_recipe(world, steps, peft_block, precision="fp32", **kw):
+    from dhad.train.recipe import parse_recipe
+    d = dict(type="sft", name="lora", seed=5, model={"init_from": str(world / "base")},
+             data={"sources": {"chat": str(world / "sft")}}, peft=peft_block,
+             optimizer={"lr": 1e-2, "weight_decay": 0.0}, schedule={"warmup_steps": 2, "total_steps": steps},
+             batch={"micro_batch_size": 8, "grad_accum": 1}, precision=precision, eval_every=0, eval_batches=1,
+             checkpoint_every=0, log_every=1, peak_flops=1e11)
+    d.update(kw)
+    return parse_recipe(d)
+
+
+def _losses(run_dir):
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in recs if x.get("event") == "step"]
+
+
+def test_lora_sft_run_trains_only_adapters_writes_a_peft_adapter_and_resumes(sft_world, tmp_path):
+    from dhad.train.loop import train
+    peft_block = {"r": 4, "alpha": 8, "targets": ["q", "v", "o", "up", "down"]}
+    res = train(_sft_recipe(sft_world, 6, peft_block), run_dir=tmp_path / "full", progress=False)
+    assert res.model_dir is None and res.adapter_dir == tmp_path / "full" / "adapter"
+    losses = _losses(tmp_path / "full")
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    base = dhad.load_model(sft_world / "base")
+    trained = res.model
+    for n, p in base.named_parameters():  # the base did not move, bit for bit
+        assert torch.equal(p, trained.get_parameter(n)), n
+    # what the run wrote is the adapter: loaded onto the base it is the trained model
+    ids = torch.randint(3, 40, (2, 12))
+    with torch.no_grad():
+        want = trained.eval()(ids)
+        assert (dhad.load_model(sft_world / "base", adapter=res.adapter_dir)(ids) - want).abs().max() < 1e-5
+    assert (res.checkpoint / "adapter" / "adapter_model.safetensors").is_file()
+    # interrupted at step 3 and resumed: the same loss sequence
+    train(_sft_recipe(sft_world, 6, peft_block), run_dir=tmp_path / "cut", progress=False, stop_at=3)
+    train(_sft_recipe(sft_world, 6, peft_block), run_dir=tmp_path / "cut", progress=False, resume=True)
+    assert _losses(tmp_path / "cut") == pytest.approx(losses, rel=1e-6)
+
+
+def test_only_adapter_parameters_are_in_the_optimizer():
+    from dhad.train.optim import build_optimizer
+    from dhad.train.recipe import OptimizerSpec
+    model = apply_lora(Transformer(Config.from_name("tiny-jais")), LoraConfig(r=2, targets=("q", "k", "v", "down")))
+    opt = build_optimizer(model, OptimizerSpec(), model.config, adapters_only=True)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in trainable_parameters(model)} and len(in_opt) == 2 * 2 * 2
+    assert all(g.get("lr_mult", 1.0) == 1.0 for g in opt.param_groups)  # no muP multiplier on adapters
+
+
+def test_qlora_loss_tracks_bf16_lora_within_2_percent_after_200_steps(sft_world, tmp_path):
+    """The tiny recipe, 200 steps each: LoRA over the bf16-autocast base and QLoRA over its NF4 copy."""
+    pytest.importorskip("bitsandbytes")
+    from dhad.train.loop import train
+    block = {"r": 8, "alpha": 16, "targets": ["q", "k", "v", "o", "gate", "up", "down"]}
+    kw = dict(optimizer={"lr": 5e-3, "weight_decay": 0.0}, eval_batches=0)
+    lora = train(_sft_recipe(sft_world, 200, block, "bf16", **kw), run_dir=tmp_path / "lora", progress=False,
+                 save_final=False)
+    q = train(_sft_recipe(sft_world, 200, {**block, "quantize": "nf4"}, "bf16", **kw), run_dir=tmp_path / "qlora",
+              progress=False, save_final=False)
+    assert any(m.quant_state is not None for m in lora_layers(q.model).values())
+    a, b = _losses(tmp_path / "lora"), _losses(tmp_path / "qlora")
+    end_a, end_b = sum(a[-20:]) / 20, sum(b[-20:]) / 20
+    assert end_a < sum(a[:5]) / 5 - 0.3  # it learned (a random-init base: slowly)
+    assert abs(end_b - end_a) / end_a < 0.02, (end_a, end_b)
