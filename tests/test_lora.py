@@ -303,3 +303,47 @@ def test_qlora_loss_tracks_bf16_lora_within_2_percent_after_200_steps(sft_world,
     end_a, end_b = sum(a[-20:]) / 20, sum(b[-20:]) / 20
     assert end_a < sum(a[:5]) / 5 - 0.3  # it learned (a random-init base: slowly)
     assert abs(end_b - end_a) / end_a < 0.02, (end_a, end_b)
+
+
+def test_lora_dpo_reference_is_the_base_with_adapters_off(tmp_path):
+    """DPO with a peft block: the 'frozen' reference is the policy with its adapters off (no second model),
+    and gives the same run as reference log-probs precomputed from the base."""
+    from test_dpo import _random_pairs, _write_prefs
+
+    from dhad.train.dpo import DPOObjective
+    from dhad.train.loop import train
+    from dhad.train.recipe import parse_recipe
+    dhad.save_model(Transformer(Config.from_name("tiny-llama", block_size=64)).init_weights(seed=0), tmp_path / "sft")
+    _write_prefs(tmp_path / "prefs", "train", _random_pairs(32, 1))
+    _write_prefs(tmp_path / "prefs", "validation", _random_pairs(8, 2))
+    made = []
+    orig = DPOObjective.setup
+
+    def spy(self, *a, **k):
+        orig(self, *a, **k)
+        made.append(self)
+    runs = {}
+    try:
+        DPOObjective.setup = spy
+        for mode in ("precomputed", "frozen"):
+            r = parse_recipe(dict(
+                type="dpo", name=mode, seed=7, model={"init_from": str(tmp_path / "sft")},
+                data={"sources": {"syn": str(tmp_path / "prefs")}, "val_split": "validation"},
+                objective={"beta": 0.1, "reference": mode}, peft={"r": 4, "alpha": 8, "targets": ["q", "v", "down"]},
+                optimizer={"lr": 1e-2, "weight_decay": 0.0}, schedule={"total_steps": 4, "warmup_steps": 1},
+                batch={"micro_batch_size": 4, "grad_accum": 2, "seq_len": 32}, precision="fp32",
+                eval_every=0, eval_batches=1, checkpoint_every=0, log_every=1, peak_flops=1e11))
+            train(r, run_dir=tmp_path / mode, progress=False)
+            recs = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+            runs[mode] = [x for x in recs if x.get("event") == "step"]
+    finally:
+        DPOObjective.setup = orig
+    frozen = made[-1]
+    assert frozen.ref_adapters_off and frozen.ref_model is None  # no copy of the model was made
+    a, b = runs["precomputed"], runs["frozen"]
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "kl"):
+            assert abs(x[k] - y[k]) < 1e-5, (k, x[k], y[k])
+    assert a[-1]["rewards/margin"] != 0.0  # the adapters moved the policy away from the base
+    assert (tmp_path / "frozen" / "adapter" / "adapter_config.json").is_file()
