@@ -347,3 +347,21 @@ def test_lora_dpo_reference_is_the_base_with_adapters_off(tmp_path):
             assert abs(x[k] - y[k]) < 1e-5, (k, x[k], y[k])
     assert a[-1]["rewards/margin"] != 0.0  # the adapters moved the policy away from the base
     assert (tmp_path / "frozen" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_cli_adapt_merge_writes_a_checkpoint_transformers_reads(llama_dir, tmp_path, capsys):
+    from dhad.cli import main
+    pm = peft_model(llama_dir, ("q", "o", "gate", "down"))
+    pm.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        want = pm(ids).logits
+    assert main(["adapt", "merge", "--model", str(llama_dir), "--adapter", str(tmp_path / "peft"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (merged(ids).logits - want).abs().max() < 1e-5
+    # a missing or broken adapter is a clear error (exit 2), not a traceback
+    assert main(["adapt", "merge", "--model", str(llama_dir), "--adapter", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "m2")]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
