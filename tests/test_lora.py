@@ -365,3 +365,36 @@ def test_cli_adapt_merge_writes_a_checkpoint_transformers_reads(llama_dir, tmp_p
     assert main(["adapt", "merge", "--model", str(llama_dir), "--adapter", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "m2")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("patch,match", [
+    ({"type": "pretrain", "batch": {"micro_batch_size": 1, "seq_len": 8}}, r"peft: LoRA adapters are for sft and dpo"),
+    ({"peft": {"targets": ["q", "qq"]}}, r"peft\.targets: names among"),
+    ({"peft": {"r": 0}}, r"peft\.r: r must be a positive integer"),
+    ({"peft": {"dropout": 1.5}}, r"peft\.dropout"),
+    ({"peft": {"quantize": "int4"}}, r"peft\.quantize: must be nf4"),
+    ({"peft": {"quantize": "nf4"}, "distributed": "fsdp"}, r"peft\.quantize: nf4 \(QLoRA\) is a one-device method"),
+    ({"peft": {"rank": 8}}, r"peft: unknown key\(s\) \['rank'\]"),
+    ({"peft": {"method": "ia3"}}, r"peft\.method: only 'lora'"),
+])
+def test_bad_peft_blocks_name_the_field(patch, match):
+    from dhad.train.recipe import RecipeError, parse_recipe
+    d = dict(type="sft", model={"preset": "tiny-llama"}, data={"sources": {"chat": "sft"}}, peft={},
+             schedule={"total_steps": 4})
+    d.update(patch)
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(d)
+
+
+def test_shipped_lora_recipes():
+    from dhad.train.recipe import find_recipe, load_recipe
+    for name in ("allam-2-7b-chat-lora", "allam-2-7b-chat-qlora", "jais-family-590m-chat-lora",
+                 "jais-family-6p7b-chat-lora", "allam-2-7b-dpo-lora", "tiny-lora-sft", "tiny-qlora-sft", "tiny-lora-dpo"):
+        r = load_recipe(find_recipe(name))
+        assert r.peft is not None and r.type in ("sft", "dpo") and set(r.peft.targets) == set(
+            ("q", "k", "v", "o", "gate", "up", "down")), name
+        assert (r.peft.quantize == "nf4") == ("qlora" in name), name
+        if r.type == "dpo":
+            assert r.objective["reference"] == "frozen"  # = the base with adapters off
+    big = load_recipe(find_recipe("allam-2-7b-chat-lora"))  # the QLoRA paper's 7B values
+    assert (big.peft.r, big.peft.alpha, big.peft.dropout, big.optimizer.lr, big.clip_grad) == (64, 16, 0.1, 2e-4, 0.3)
