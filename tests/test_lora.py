@@ -398,3 +398,32 @@ def test_shipped_lora_recipes():
             assert r.objective["reference"] == "frozen"  # = the base with adapters off
     big = load_recipe(find_recipe("allam-2-7b-chat-lora"))  # the QLoRA paper's 7B values
     assert (big.peft.r, big.peft.alpha, big.peft.dropout, big.optimizer.lr, big.clip_grad) == (64, 16, 0.1, 2e-4, 0.3)
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp2_two_processes_equals_one_process(sft_world, tmp_path):
+    """torchrun, 2 CPU processes (gloo), FSDP2: the adapters shard with their blocks, the losses are the
+    1-process run's and the adapter written (gathered from the shards) is the same."""
+    import yaml
+    from safetensors.torch import load_file
+    from test_train_dist import _close, _losses, _torchrun
+
+    from dhad.train.loop import train
+    recipe = dict(type="sft", seed=5, model={"init_from": str(sft_world / "base")},
+                  data={"sources": {"chat": str(sft_world / "sft")}},
+                  peft={"r": 4, "alpha": 8, "targets": ["q", "k", "v", "o", "gate", "up", "down"]},
+                  optimizer={"lr": 1e-2, "weight_decay": 0.0, "fused": False},
+                  schedule={"warmup_steps": 1, "total_steps": 3},
+                  batch={"micro_batch_size": 2, "global_batch_size": 8}, precision="fp32", eval_batches=0,
+                  peak_flops=1e12)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    ref = train(path, run_dir=tmp_path / "one", progress=False)
+    recs = _torchrun(tmp_path, path, tmp_path / "fsdp", "--set", "distributed=fsdp")
+    assert next(r for r in recs if r["event"] == "start")["strategy"] == "fsdp"
+    _close(_losses(recs), ref.losses)
+    one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
+    assert one.keys() == two.keys() and len(one) == 2 * 2 * 7
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6), k
