@@ -175,11 +175,14 @@ def build_model(recipe: Recipe) -> Transformer:
 
 def add_adapters(model: Transformer, recipe: Recipe) -> Transformer:
     """The recipe's `peft:` block: LoRA adapters on the frozen model (QLoRA: the base in NF4)."""
-    from dhad.lora import LoraConfig, apply_lora
+    from dhad.lora import LoraConfig, LoraError, apply_lora
     p = recipe.peft
-    cfg = LoraConfig(r=p.r, alpha=p.alpha, dropout=p.dropout, targets=tuple(p.targets), rslora=p.rslora, init=p.init,
-                     base_model=recipe.model.init_from or recipe.model.preset)
-    return apply_lora(model, cfg, seed=recipe.seed, quantize=p.quantize, double_quant=p.double_quant)
+    try:
+        cfg = LoraConfig(r=p.r, alpha=p.alpha, dropout=p.dropout, targets=tuple(p.targets), rslora=p.rslora,
+                         init=p.init, base_model=recipe.model.init_from or recipe.model.preset)
+        return apply_lora(model, cfg, seed=recipe.seed, quantize=p.quantize, double_quant=p.double_quant)
+    except LoraError as e:  # e.g. q without k and v on the Jais layout; bitsandbytes missing for nf4
+        raise TrainError(f"peft: {e}") from None
 
 
 def materialize(model: Transformer, recipe: Recipe, device) -> None:
