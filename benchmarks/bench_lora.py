@@ -3,7 +3,8 @@
 One Llama-architecture checkpoint (default ~220M parameters: 16 x 1024, vocabulary 8192) written by
 transformers and loaded by every configuration; the same token rows (random ids: speed and memory do not
 depend on the text) for SFT and the same preference pairs for DPO; LoRA r 16, alpha 32 on q,k,v,o,gate,up,down;
-bf16 autocast over fp32 weights, AdamW. Each configuration runs in its own fresh process (so its peak memory
+bf16 autocast, AdamW; LoRA runs keep the frozen base in bf16 (both dhad and TRL: PEFT makes the adapters
+fp32), full fine-tuning keeps fp32 master weights. Each configuration runs in its own fresh process (so its peak memory
 is its own): --warmup steps untimed, then --steps timed; the median step time is reported.
 
   dhad LoRA SFT            `sft` recipe with a `peft:` block              vs  TRL SFTTrainer + PEFT LoraConfig
@@ -166,7 +167,7 @@ def _trl_sft(tmp: Path, args) -> dict:
 
     base = rss_mb()
     ds = datasets.Dataset.from_list(json.loads((tmp / "sft_rows.json").read_text()))
-    model = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=torch.bfloat16)  # frozen base in bf16, as dhad
     cfg = SFTConfig(**_trl_common(tmp, args), max_length=args.seq_len, packing=False, completion_only_loss=True)
     clock = _Clock()
     tr = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(tmp / "model"),
@@ -187,7 +188,7 @@ def _trl_dpo(tmp: Path, args) -> dict:
 
     base = rss_mb()
     ds = datasets.Dataset.from_list(json.loads((tmp / "pairs.json").read_text()))
-    model = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=torch.bfloat16)
     cfg = DPOConfig(**_trl_common(tmp, args), beta=0.1)
     clock = _Clock()
     tr = Pretokenized(model=model, args=cfg, train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(tmp / "model"),

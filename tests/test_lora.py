@@ -427,3 +427,15 @@ def test_lora_under_fsdp2_two_processes_equals_one_process(sft_world, tmp_path):
     assert one.keys() == two.keys() and len(one) == 2 * 2 * 7
     for k in one:
         assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_a_lora_target_the_model_cannot_take_is_a_clear_train_error(tmp_path):
+    from dhad.train.loop import TrainError, train
+    from dhad.train.recipe import parse_recipe
+    dhad.save_model(Transformer(Config.from_name("tiny-jais")).init_weights(seed=0), tmp_path / "jais")
+    _sft_world(tmp_path)  # shards of vocabulary 512, as tiny-jais
+    r = parse_recipe(dict(type="sft", model={"init_from": str(tmp_path / "jais")},
+                          data={"sources": {"chat": str(tmp_path / "sft")}}, peft={"targets": ["q", "v"]},
+                          schedule={"total_steps": 2}, eval_batches=0, peak_flops=1e11))
+    with pytest.raises(TrainError, match=r"peft: .*target q, k and v together"):
+        train(r, run_dir=tmp_path / "run", progress=False)
