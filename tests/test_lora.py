@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import peft  # the test extra (tests/test_dependencies.py checks it is declared): missing is a failure, not a skip
 import pytest
 import torch
 import transformers
@@ -14,7 +15,6 @@ from dhad.lora import (LoraConfig, LoraError, apply_lora, load_adapter, lora_dis
                        read_adapter, save_adapter, trainable_parameters)
 from dhad.model import Transformer
 
-peft = pytest.importorskip("peft")  # the test extra: tests/test_dependencies.py checks it is declared
 pytestmark = pytest.mark.one_thread  # tiny models: see conftest._one_thread
 
 HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
@@ -195,7 +195,6 @@ def _nf4_by_hand(w):
 
 
 def test_nf4_dequantised_weights_equal_the_nf4_rounding_by_hand():
-    pytest.importorskip("bitsandbytes")
     from dhad.lora import dequantize_nf4, quantize_nf4
     w = torch.randn(96, 128, generator=torch.Generator().manual_seed(0)) * 0.05
     code, absmax = _nf4_by_hand(w)
@@ -290,7 +289,6 @@ def test_only_adapter_parameters_are_in_the_optimizer():
 
 def test_qlora_loss_tracks_bf16_lora_within_2_percent_after_200_steps(sft_world, tmp_path):
     """The tiny recipe, 200 steps each: LoRA over the bf16-autocast base and QLoRA over its NF4 copy."""
-    pytest.importorskip("bitsandbytes")
     from dhad.train.loop import train
     block = {"r": 8, "alpha": 16, "targets": ["q", "k", "v", "o", "gate", "up", "down"]}
     kw = dict(optimizer={"lr": 5e-3, "weight_decay": 0.0}, eval_batches=0)
