@@ -21,7 +21,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"base": ("dhad.utils", "dhad.config", "dhad.prompts", "dhad.tokenizer")},
     {"model": ("dhad.model", "dhad.checkpoint", "dhad.adapt"),
      "data": ("dhad.data",)},                                  # beside the model: data never imports it
-    {"generate": ("dhad.generate", "dhad.engine", "dhad.engine_api", "dhad.vllm_engine",
+    {"generate": ("dhad.generate", "dhad.engine", "dhad.engine_api", "dhad.vllm_engine", "dhad.multi_lora",
                   "dhad",)},                                   # `dhad` itself: the public API (it exposes generate)
     {"serve": ("dhad.serve", "dhad.chat"), "evaluate": ("dhad.evaluate",), "synth": ("dhad.synth",)},
     {"train": ("dhad.train",)},
