@@ -8,8 +8,8 @@
 An adapter's weights are ``{(layer, target): (A [r, in], B [out_slice, r], scale)}`` with ``target`` one
 of ``q k v o gate up down`` (a sub-projection of dhad's fused ``attn.qkv`` / ``mlp.fc``, each with its
 own A/B, as PEFT holds them for Llama) or ``qkv`` / ``gate_up`` (the whole fused matrix, as a PEFT
-adapter over Jais' ``c_attn`` has it). `adapter_weights` turns what `dhad.lora.read_adapter` returns
-into this.
+adapter over Jais' ``c_attn`` has it). `MultiLoRA.from_dirs` reads adapter directories in PEFT's format
+with `dhad.lora.read_adapter`.
 
 Design choices:
 - Applied from outside: forward hooks on the four linear modules of each block (``attn.qkv``,
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-__all__ = ["MultiLoRA", "TARGETS", "target_slot"]
+__all__ = ["MultiLoRA", "TARGETS", "target_slot", "adapter_weights"]
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
 _MODULES = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
@@ -121,11 +121,23 @@ class MultiLoRA:
                 self._A[layer, mod][i, s * rank:s * rank + r] = A.to(dev, dt)
                 self._B[layer, mod][s][i, :, :r] = (B.float() * float(scale)).to(dev, dt)
         self._state: _Rows | None = None
-        self._hooks = []
-        for (layer, mod) in slots:
-            self._hooks.append(_module(model, layer, mod).register_forward_hook(self._hook(layer, mod)))
-        for layer in range(cfg.n_layer):  # keep=[B, n] bypasses attn.qkv: refuse it while adapters run
-            self._hooks.append(model.h[layer].attn.register_forward_pre_hook(self._check_attn))
+        self._hooks = [_module(model, layer, mod).register_forward_hook(self._hook(layer, mod)) for layer, mod in slots]
+
+    @classmethod
+    def from_dirs(cls, model, dirs: dict) -> "MultiLoRA":
+        """``{name: adapter directory}`` (PEFT's format, read by `dhad.lora.read_adapter`) over ``model``;
+        a directory that does not fit the model raises ValueError naming the adapter."""
+        from dhad.lora import read_adapter
+        adapters = {}
+        for name, d in dirs.items():
+            try:
+                adapters[name] = adapter_weights(*read_adapter(d))
+            except ValueError as e:
+                raise ValueError(f"adapter {name!r} ({d}): {e}") from None
+        try:
+            return cls(model, adapters)
+        except ValueError as e:
+            raise ValueError(f"{e} (adapters from {', '.join(str(d) for d in dirs.values())})") from None
 
     # -- use ----------------------------------------------------------------------------------
     def indices(self, names) -> list[int]:
@@ -167,11 +179,6 @@ class MultiLoRA:
         self._hooks.clear()
 
     # -- the batched delta --------------------------------------------------------------------
-    def _check_attn(self, module, args):
-        if self._state is not None and len(args) > 4 and torch.is_tensor(args[4]):
-            raise ValueError("multi-LoRA serving does not support keep=[B, n] (it bypasses attn.qkv); "
-                             "use an int keep")
-
     def _hook(self, layer: int, mod: str):
         A_all, B_all, sub = self._A[layer, mod], self._B[layer, mod], self._slots[layer, mod]
         r = self.rank
@@ -192,3 +199,14 @@ class MultiLoRA:
             return out.index_add(0, st.rows, delta)
         return hook
 
+
+def adapter_weights(lora_config, weights: dict) -> dict:
+    """`dhad.lora.read_adapter`'s ``(config, {("h.N.<module>", sub): (A, B)})`` -> this module's
+    ``{(N, target): (A, B, scale)}`` (sub-projection names are the targets; "qkv" is all of attn.qkv)."""
+    out = {}
+    for (module, sub), (A, B) in weights.items():
+        parts = module.split(".")
+        if len(parts) < 3 or parts[0] != "h" or not parts[1].isdigit():
+            raise ValueError(f"unexpected adapter module {module!r}")
+        out[int(parts[1]), sub] = (A, B, lora_config.scaling)
+    return out

@@ -8,6 +8,7 @@ W + scale * B @ A done by hand in the test.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -46,18 +47,6 @@ def _peft_adapter(hf_dir, out_dir, seed, **lora_kw):
     return pm.eval()
 
 
-def _weights_of(pm) -> dict:
-    """{(layer, target): (A, B, scale)} read off a PEFT model's modules in memory."""
-    out = {}
-    for name, mod in pm.named_modules():
-        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-            layer = int(name.split(".layers.")[1].split(".")[0])
-            target = PEFT_TARGETS[name.rsplit(".", 1)[1]]
-            out[layer, target] = (mod.lora_A["default"].weight.detach().clone(),
-                                  mod.lora_B["default"].weight.detach().clone(), mod.scaling["default"])
-    return out
-
-
 def _hf_greedy(hf, prompt, n):
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -74,15 +63,13 @@ def setup(tmp_path_factory):
     model = Transformer(cfg).init_weights(seed=0).eval()
     d = tmp_path_factory.mktemp("lora-base")
     save_model(model, d, tokenizer=tok)
-    every = list(PEFT_TARGETS)
-    pa = _peft_adapter(d, tmp_path_factory.mktemp("alpha"), 1, r=4, lora_alpha=8, target_modules=every)
-    pb = _peft_adapter(d, tmp_path_factory.mktemp("beta"), 2, r=8, lora_alpha=4, use_rslora=True,
+    dirs = {"alpha": tmp_path_factory.mktemp("alpha"), "beta": tmp_path_factory.mktemp("beta")}
+    pa = _peft_adapter(d, dirs["alpha"], 1, r=4, lora_alpha=8, target_modules=list(PEFT_TARGETS))
+    pb = _peft_adapter(d, dirs["beta"], 2, r=8, lora_alpha=4, use_rslora=True,
                        target_modules=["q_proj", "v_proj", "up_proj"])
-    refs = {"alpha": copy.deepcopy(pa).merge_and_unload(), "beta": copy.deepcopy(pb).merge_and_unload(),
+    refs = {"alpha": pa.merge_and_unload(), "beta": pb.merge_and_unload(),
             None: transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()}
-    weights = {"alpha": _weights_of(pa), "beta": _weights_of(pb)}
-    return dict(tok=tok, model=model, dir=d, refs=refs, weights=weights,
-                dirs={"alpha": pa.peft_config and pa, "beta": pb})
+    return dict(tok=tok, model=model, dir=d, refs=refs, dirs=dirs)
 
 
 PROMPTS = [([5, 6, 7, 8, 9], "alpha"), ([40, 41, 42], None), ([100, 7, 3, 9, 200, 31, 2], "beta"),
@@ -96,7 +83,7 @@ def test_mixed_adapter_batch_equals_each_alone_and_the_merged_model(setup):
     # the adapters matter: each changes the greedy answer of some prompt
     for name in ("alpha", "beta"):
         assert any(_hf_greedy(refs[None], p, N_NEW) != w for (p, a), w in zip(PROMPTS, want) if a == name)
-    eng = Engine(model, tok, max_batch_size=8, adapters=setup["weights"]).start()
+    eng = Engine(model, tok, max_batch_size=8, adapters=MultiLoRA.from_dirs(model, setup["dirs"])).start()
     try:
         with eng._cv:  # hold the loop back until every request is queued: one prefill, one decode batch
             hs = [eng.submit(p, max_new_tokens=N_NEW, adapter=a, **NO_EOS) for p, a in PROMPTS]
@@ -148,11 +135,14 @@ def test_batched_forward_equals_merged_weights_fused_targets_too(preset):
         lora = MultiLoRA(model, {"a": a, "b": b})
         with lora.batch([0, -1, 1, 0]):
             out = model(ids)
+            kept = model(ids, keep=torch.tensor([[2, 8], [0, 5], [4, 4], [7, 1]]))  # queries at some positions only
         assert torch.equal(model(ids), base)  # outside `batch`: the plain model
     for i in (0, 2, 3):
         torch.testing.assert_close(out[i], ref[i][0], rtol=0, atol=1e-5)
         assert (out[i] - base[i]).abs().max() > 1e-2  # the adapter does change the logits
     assert torch.equal(out[1], base[1])
+    for i, pos in enumerate(([2, 8], [0, 5], [4, 4], [7, 1])):
+        torch.testing.assert_close(kept[i], out[i, pos], rtol=0, atol=1e-5)
     lora.remove()
     assert torch.equal(model(ids), base)
 
@@ -165,15 +155,194 @@ def test_bad_adapters_and_requests_are_refused(setup):
         MultiLoRA(model, {"x": {(0, "c_attn"): (torch.zeros(4, 64), torch.zeros(64, 4), 1.0)}})
     with pytest.raises(ValueError, match="layer 9"):
         MultiLoRA(model, {"x": {(9, "o"): (torch.zeros(4, 64), torch.zeros(64, 4), 1.0)}})
+    with pytest.raises(ValueError, match="adapter 'x'.*no adapter_config.json"):
+        MultiLoRA.from_dirs(model, {"x": setup["dir"]})
     lora = MultiLoRA(model, {"x": _random_adapter(cfg, ["q"], 2, 1.0, 0)})
-    try:
-        with lora.batch([0]), pytest.raises(ValueError, match="keep"):
-            model(torch.tensor([[1, 2, 3]]), keep=torch.tensor([[1]]))
-    finally:
-        lora.remove()
-    eng = Engine(model, setup["tok"], adapters=setup["weights"]).start()
+    with pytest.raises(ValueError, match="indices must be"):
+        with lora.batch([1]):
+            pass
+    lora.remove()
+    eng = Engine(model, setup["tok"], adapters=MultiLoRA.from_dirs(model, setup["dirs"])).start()
     try:
         with pytest.raises(UnknownAdapter, match="unknown adapter 'gamma'.*'alpha', 'beta'"):
             eng.submit([1, 2], adapter="gamma")
     finally:
         eng.shutdown()
+
+
+# --- the HTTP API: `dhad serve --adapter NAME=DIR` ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(setup):
+    from dhad.serve.app import BackgroundServer, create_app
+    from dhad.serve.backend import load_backend
+    backend = load_backend(setup["dir"], model_name="base", max_batch_size=8, adapters=setup["dirs"])
+    backend.engine.start()
+    with BackgroundServer(create_app(backend)) as s:
+        yield s, backend
+    backend.engine.shutdown(wait=False)
+
+
+def test_http_model_field_picks_the_adapter_in_a_shared_batch(served, setup):
+    import concurrent.futures
+
+    import httpx
+    server, backend = served
+    models = httpx.get(server.url + "/v1/models").json()["data"]
+    assert [(m["id"], m["parent"]) for m in models] == [("base", None), ("alpha", "base"), ("beta", "base")]
+    assert httpx.get(server.url + "/v1/models/beta").json()["parent"] == "base"
+    tok = setup["tok"]
+    prompt = "abc"
+    ids = tok.encode(prompt, add_special_tokens=True)
+
+    def complete(model):
+        r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "model": model, "prompt": prompt, "max_tokens": N_NEW, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    names = ["alpha", "base", "beta", "alpha", "beta", "base"]
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as ex:  # concurrent: batched together by the engine
+        got = list(ex.map(complete, names))
+    eos = setup["model"].config.eos_token_id
+    for name, r in zip(names, got):
+        assert r["model"] == name
+        res = backend.engine.generate(ids, max_new_tokens=N_NEW, adapter=None if name == "base" else name, timeout=60)
+        want = _hf_greedy(setup["refs"][None if name == "base" else name], ids, N_NEW)  # PEFT's merged model
+        n = next((i + 1 for i, t in enumerate(want) if t == eos), N_NEW)  # greedy up to EOS, as served
+        assert res.token_ids == want[:n]
+        assert r["choices"][0]["text"] == res.text and r["usage"]["completion_tokens"] == n
+    assert len({r["choices"][0]["text"] for r in got}) == 3  # the three models answer differently
+
+    # chat and the card's /score honour it too, and agree with each other
+    msgs = [{"role": "user", "content": "hi"}]
+    answers = {}
+    for name in ("base", "alpha", "beta"):
+        c = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": name, "messages": msgs, "max_tokens": N_NEW, "temperature": 0}).json()
+        s = httpx.post(server.url + "/score", timeout=60, json={
+            "model": name, "input_data": {"input_string": msgs, "parameters": {"max_new_tokens": N_NEW}}}).json()
+        assert c["model"] == name and c["choices"][0]["message"]["content"] == s["output"]
+        answers[name] = s["output"]
+    plain = httpx.post(server.url + "/score", timeout=60, json={
+        "input_data": {"input_string": msgs, "parameters": {"max_new_tokens": N_NEW}}}).json()
+    assert plain["output"] == answers["base"]  # no model: the base model
+    assert len(set(answers.values())) == 3
+
+
+def test_http_unknown_model_is_an_openai_404(served):
+    import httpx
+    server, _ = served
+    msgs = [{"role": "user", "content": "hi"}]
+    for path, body in (("/v1/chat/completions", {"model": "gamma", "messages": msgs}),
+                       ("/v1/completions", {"model": "gamma", "prompt": "x"}),
+                       ("/score", {"model": "gamma", "input_data": {"input_string": msgs}})):
+        r = httpx.post(server.url + path, json=body, timeout=30)
+        assert r.status_code == 404, (path, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "model_not_found" and err["param"] == "model"
+        assert "'gamma'" in err["message"] and "'alpha'" in err["message"]
+    assert httpx.get(server.url + "/v1/models/gamma").status_code == 404
+
+
+def test_serve_cli_adapter_errors(setup, tmp_path, capsys):
+    from dhad.cli import main
+    from dhad.serve.backend import load_backend
+    base = str(setup["dir"])
+    for bad, msg in (("noequals", "NAME=DIR"), ("=x", "NAME=DIR"), (f"x={tmp_path}/missing", "not a directory"),
+                     (f"x={tmp_path}", "no adapter_config.json")):
+        assert main(["serve", "--model", base, "--adapter", bad]) == 2
+        assert msg in capsys.readouterr().err
+    a = str(setup["dirs"]["alpha"])
+    assert main(["serve", "--model", base, "--adapter", f"x={a}", "--adapter", f"x={a}"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="base model's name"):
+        load_backend(setup["dir"], model_name="m", adapters={"m": a})
+
+
+# --- --engine vllm: adapters go to vLLM's LoRA support ----------------------------------------
+# vLLM cannot run here (its CPU build pins an older transformers; no GPU): a stand-in with vLLM's
+# interface (EngineArgs, LLMEngine.add_request(..., lora_request=), vllm.lora.request.LoRARequest)
+# decodes with a dhad model and applies the adapter a request's LoRARequest names, read from its path.
+
+def _fake_vllm(model):
+    import types
+    fake = types.ModuleType("vllm")
+    fake.__version__ = "0.8.0"
+    fake.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    fake.EngineArgs = lambda **kw: kw
+    lora_mod = types.ModuleType("vllm.lora")
+    req_mod = types.ModuleType("vllm.lora.request")
+
+    class LoRARequest:
+        def __init__(self, lora_name, lora_int_id, lora_path):
+            self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
+
+    req_mod.LoRARequest = LoRARequest
+
+    class LLMEngine:
+        @classmethod
+        def from_engine_args(cls, args):
+            fake.args = args
+            return cls(args)
+
+        def __init__(self, args):
+            self.reqs, self.seen, self.loras = {}, [], {}
+
+        def add_request(self, rid, prompt, sp, lora_request=None):
+            if lora_request is not None:
+                assert fake.args["enable_lora"] and lora_request.lora_int_id >= 1
+                if lora_request.lora_int_id not in self.loras:  # vLLM loads an adapter from its path
+                    self.loras[lora_request.lora_int_id] = MultiLoRA.from_dirs(model, {"x": lora_request.lora_path})
+            self.seen.append(lora_request)
+            self.reqs[rid] = (list(prompt["prompt_token_ids"]), [], sp, lora_request)
+
+        def abort_request(self, rid):
+            self.reqs.pop(rid, None)
+
+        def step(self):
+            outs = []
+            for rid, (p, gen, sp, lr) in list(self.reqs.items()):
+                ctx = self.loras[lr.lora_int_id].batch([0]) if lr is not None else contextlib.nullcontext()
+                with torch.no_grad(), ctx:
+                    gen.append(int(model(torch.tensor([p + gen]))[0, -1].argmax()))
+                done = len(gen) >= sp.max_tokens
+                if done:
+                    del self.reqs[rid]
+                out = types.SimpleNamespace(token_ids=list(gen), finish_reason="length" if done else None)
+                outs.append(types.SimpleNamespace(request_id=rid, outputs=[out], finished=done))
+            return outs
+
+    fake.LLMEngine = LLMEngine
+    return fake, lora_mod, req_mod
+
+
+def test_vllm_engine_passes_adapters_as_lora_requests(setup, monkeypatch):
+    import sys
+
+    from dhad.engine import make_engine
+    from dhad.vllm_engine import lora_engine_args
+    model, tok, dirs = setup["model"], setup["tok"], setup["dirs"]
+    fake, lora_mod, req_mod = _fake_vllm(copy.deepcopy(model))
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.lora", lora_mod)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", req_mod)
+    assert lora_engine_args(dirs, 4) == {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8}
+    eng = make_engine(setup["dir"], tok, engine="vllm", max_batch_size=4, adapters=dirs,
+                      max_lora_rank=16)  # a --vllm-arg wins over the derived value
+    native = Engine(model, tok, max_batch_size=4, adapters=MultiLoRA.from_dirs(model, dirs)).start()
+    with eng.start():
+        assert fake.args["enable_lora"] is True and fake.args["max_loras"] == 2 and fake.args["max_lora_rank"] == 16
+        assert eng.adapter_names == ("alpha", "beta") and eng.stats()["adapters"] == ["alpha", "beta"]
+        try:
+            hs = [eng.submit(p, max_new_tokens=N_NEW, adapter=a, **NO_EOS) for p, a in PROMPTS]
+            for (p, a), h in zip(PROMPTS, hs):
+                want = native.generate(p, max_new_tokens=N_NEW, adapter=a, timeout=60, **NO_EOS)
+                assert h.result(60).token_ids == want.token_ids
+        finally:
+            native.shutdown()
+        seen = [(r.lora_name, r.lora_int_id, r.lora_path) if r else None for r in eng._engine.seen]
+        assert seen == [None if a is None else (a, 1 if a == "alpha" else 2, str(dirs[a].resolve()))
+                        for _, a in PROMPTS]
+        with pytest.raises(UnknownAdapter, match="'gamma'"):
+            eng.submit([1, 2], adapter="gamma")
