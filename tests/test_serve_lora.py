@@ -346,3 +346,31 @@ def test_vllm_engine_passes_adapters_as_lora_requests(setup, monkeypatch):
                         for _, a in PROMPTS]
         with pytest.raises(UnknownAdapter, match="'gamma'"):
             eng.submit([1, 2], adapter="gamma")
+
+
+@pytest.mark.parametrize("preset", ["tiny-jais", "tiny-llama"])
+def test_adapter_dirs_written_by_dhad_batch_like_dhad_lora_unmerged(preset, tmp_path):
+    """Adapters saved by dhad.lora (Jais: one A/B on the fused c_attn), served together: each row's logits
+    equal `dhad.lora.load_adapter`'s single-adapter model (unmerged LoraLinear layers)."""
+    from dhad.lora import LoraConfig, apply_lora, lora_layers, save_adapter
+    cfg = Config.from_name(preset)
+    base = Transformer(cfg).init_weights(seed=0).eval()
+    dirs, singles = {}, {}
+    for name, seed, targets in (("a", 1, ("q", "k", "v", "o", "gate", "up", "down")), ("b", 2, ("q", "k", "v", "down"))):
+        m = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets=targets), seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # trained-looking B (PEFT's init has B = 0)
+            for layer in lora_layers(m).values():
+                for b in layer.lora_B.values():
+                    b.copy_(torch.randn(b.shape, generator=g) * 0.2)
+        dirs[name] = save_adapter(m, tmp_path / name)
+        singles[name] = m.eval()
+    ids = torch.randint(0, cfg.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    lora = MultiLoRA.from_dirs(base, dirs)
+    with torch.no_grad(), lora.batch([1, 0, -1]):
+        out = base(ids)
+    with torch.no_grad():
+        for i, name in enumerate(("b", "a")):
+            torch.testing.assert_close(out[i], singles[name](ids[i:i + 1])[0], rtol=0, atol=1e-5)
+            assert (out[i] - base(ids[i:i + 1])[0]).abs().max() > 1e-2
+    lora.remove()
