@@ -14,10 +14,13 @@ with `dhad.lora.read_adapter`.
 Design choices:
 - Applied from outside: forward hooks on the four linear modules of each block (``attn.qkv``,
   ``attn.proj``, ``mlp.fc``, ``mlp.proj``). The model file knows nothing of adapters.
-- Stacked buffers: per linear module, the shrink matrices of every sub-projection any adapter targets
+- Stacked buffers: per linear module, the shrink matrices of the S sub-projections any adapter targets
   are concatenated along the rank axis and stacked over adapters, ``A [N, S * r, in]``; the expand
-  matrices per sub-projection, ``B_s [N, out_s, r]``, with the adapter's scale folded in. Ranks are
-  padded to the largest with zeros and a target an adapter lacks is all zeros: both add exactly 0.
+  matrices likewise, ``B [N, out, S * r]``, each sub-projection's B (scale folded in) in its own output
+  rows and rank columns, zeros elsewhere. Ranks are padded to the largest with zeros and a target an
+  adapter lacks is all zeros: both add exactly 0. Two batched matmuls per linear module (the block
+  form spends S times the expand FLOPs of per-slice matmuls -- r * out per token, small beside the
+  base's in * out -- for 2 kernel launches instead of 2 + S, which is what decode time is made of).
 - Per-row adapter index (punica's BGMV): each row gathers its adapter's A/B and one batched matmul
   does all rows, ``y[b] += B[i_b] (A[i_b] x[b])``. Rows with index -1 run the base model: they are
   not touched at all, so their numbers are exactly those of the model without adapters; a batch of
@@ -107,19 +110,21 @@ class MultiLoRA:
         self.rank = rank
         N = len(self.names)
         self._A: dict[tuple[int, str], torch.Tensor] = {}
-        self._B: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._B: dict[tuple[int, str], torch.Tensor] = {}
         self._slots = slots
         for (layer, mod), sub in slots.items():
             fin = _in_features(model, layer, mod)
             self._A[layer, mod] = torch.zeros(N, len(sub) * rank, fin, dtype=dt, device=dev)
-            self._B[layer, mod] = [torch.zeros(N, hi - lo, rank, dtype=dt, device=dev) for lo, hi in sub]
+            m = _module(model, layer, mod)
+            fout = int(getattr(m, "out_features", None) or m.weight.shape[0])
+            self._B[layer, mod] = torch.zeros(N, fout, len(sub) * rank, dtype=dt, device=dev)
         for i, weights in enumerate(adapters.values()):
             for (layer, target), (A, B, scale) in weights.items():
                 mod, lo, hi = target_slot(cfg, target)
                 s = slots[layer, mod].index((lo, hi))
                 r = A.shape[0]
                 self._A[layer, mod][i, s * rank:s * rank + r] = A.to(dev, dt)
-                self._B[layer, mod][s][i, :, :r] = (B.float() * float(scale)).to(dev, dt)
+                self._B[layer, mod][i, lo:hi, s * rank:s * rank + r] = (B.float() * float(scale)).to(dev, dt)
         self._state: _Rows | None = None
         self._hooks = [_module(model, layer, mod).register_forward_hook(self._hook(layer, mod)) for layer, mod in slots]
 
@@ -180,23 +185,19 @@ class MultiLoRA:
 
     # -- the batched delta --------------------------------------------------------------------
     def _hook(self, layer: int, mod: str):
-        A_all, B_all, sub = self._A[layer, mod], self._B[layer, mod], self._slots[layer, mod]
-        r = self.rank
+        A_all, B_all = self._A[layer, mod], self._B[layer, mod]
 
         def hook(module, args, out):
             st = self._state
             if st is None:
                 return None
             x = args[0] if st.rows is None else args[0].index_select(0, st.rows)  # [b, T, in]
-            A = A_all.index_select(0, st.ids)                                     # [b, S*r, in]
-            u = torch.bmm(x.to(A.dtype), A.transpose(1, 2))                       # shrink: [b, T, S*r]
-            delta = x.new_zeros(x.shape[0], x.shape[1], out.shape[-1], dtype=out.dtype)
-            for s, (lo, hi) in enumerate(sub):                                    # expand, per sub-projection
-                B = B_all[s].index_select(0, st.ids)                              # [b, out_s, r]
-                delta[..., lo:hi] += torch.bmm(u[..., s * r:(s + 1) * r], B.transpose(1, 2)).to(out.dtype)
+            A = A_all.index_select(0, st.ids).transpose(1, 2)                     # [b, in, S*r]
+            B = B_all.index_select(0, st.ids).transpose(1, 2)                     # [b, S*r, out]
+            u = torch.bmm(x.to(A.dtype), A)                                       # shrink: [b, T, S*r]
             if st.rows is None:
-                return out + delta
-            return out.index_add(0, st.rows, delta)
+                return torch.baddbmm(out, u.to(out.dtype), B.to(out.dtype))       # expand, added to every row
+            return out.index_add(0, st.rows, torch.bmm(u, B).to(out.dtype))
         return hook
 
 
