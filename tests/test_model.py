@@ -10,7 +10,8 @@ import torch
 
 import dhad
 from dhad.config import NOMINAL_SIZES, PRESETS, Config
-from dhad.model import KVCache, Transformer, alibi_bias, alibi_slopes, segments
+from dhad.kv_cache import KVCache
+from dhad.model import Transformer, alibi_bias, alibi_slopes, segments
 
 transformers = pytest.importorskip("transformers")
 
