@@ -262,8 +262,11 @@ def _read_tensors(model_dir: Path, config, expected: dict[str, tuple]) -> Iterat
         src.close()
 
 
-def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download: bool = False) -> Transformer:
-    """Load a Jais- or Llama-layout HF model directory into a dhad Transformer (eval mode)."""
+def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download: bool = False,
+               adapter: str | os.PathLike | None = None) -> Transformer:
+    """Load a Jais- or Llama-layout HF model directory into a dhad Transformer (eval mode).
+    adapter: a LoRA adapter directory in PEFT's format (dhad- or PEFT-trained), applied unmerged
+    (`dhad.lora.load_adapter`; `dhad.lora.merge_lora` folds it in)."""
     model_dir = resolve_model_dir(path, download=download)
     config = load_config(model_dir)
     dt = to_dtype(dtype)
@@ -278,6 +281,9 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
         model.lm_head.weight = model.wte.weight
     model.reset_buffers()  # the non-persistent buffers are still on the meta device
     _check_tokenizer_ids(model_dir, config)
+    if adapter is not None:
+        from dhad.lora import load_adapter
+        load_adapter(model, adapter)
     return model.eval()
 
 
