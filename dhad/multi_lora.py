@@ -25,12 +25,14 @@ Design choices:
   does all rows, ``y[b] += B[i_b] (A[i_b] x[b])``. Rows with index -1 run the base model: they are
   not touched at all, so their numbers are exactly those of the model without adapters; a batch of
   base rows only costs nothing.
-- The state (which rows use which adapter) is set for one forward by `batch` and cleared after it:
-  the model is shared, and anything else that calls it sees the base model.
+- The state (which rows use which adapter) is set for one forward by `batch`, for the calling thread
+  only, and cleared after it: the model is shared, and anything else that calls it (another thread
+  too) sees the base model.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +127,7 @@ class MultiLoRA:
                 r = A.shape[0]
                 self._A[layer, mod][i, s * rank:s * rank + r] = A.to(dev, dt)
                 self._B[layer, mod][i, lo:hi, s * rank:s * rank + r] = (B.float() * float(scale)).to(dev, dt)
-        self._state: _Rows | None = None
+        self._local = threading.local()  # .state: the rows of the current forward, per thread
         self._hooks = [_module(model, layer, mod).register_forward_hook(self._hook(layer, mod)) for layer, mod in slots]
 
     @classmethod
@@ -134,11 +136,16 @@ class MultiLoRA:
         a directory that does not fit the model raises ValueError naming the adapter."""
         from dhad.lora import read_adapter
         adapters = {}
+        layout = model.config.hf_layout
         for name, d in dirs.items():
             try:
                 adapters[name] = adapter_weights(*read_adapter(d))
             except ValueError as e:
                 raise ValueError(f"adapter {name!r} ({d}): {e}") from None
+            subs = {t for (_, t) in adapters[name]}
+            if layout == "llama" and "qkv" in subs or layout == "jais" and subs & {"q", "k", "v"}:
+                raise ValueError(f"adapter {name!r} ({d}): its module names are for the other model layout than "
+                                 f"this model's ({layout})")
         try:
             return cls(model, adapters)
         except ValueError as e:
@@ -171,11 +178,12 @@ class MultiLoRA:
         else:
             rows = used.nonzero().flatten()
             state = _Rows(rows, idx[rows])
-        prev, self._state = self._state, state
+        prev = getattr(self._local, "state", None)
+        self._local.state = state
         try:
             yield
         finally:
-            self._state = prev
+            self._local.state = prev
 
     def remove(self) -> None:
         """Take the hooks off the model."""
@@ -188,7 +196,7 @@ class MultiLoRA:
         A_all, B_all = self._A[layer, mod], self._B[layer, mod]
 
         def hook(module, args, out):
-            st = self._state
+            st = getattr(self._local, "state", None)
             if st is None:
                 return None
             x = args[0] if st.rows is None else args[0].index_select(0, st.rows)  # [b, T, in]

@@ -374,3 +374,28 @@ def test_adapter_dirs_written_by_dhad_batch_like_dhad_lora_unmerged(preset, tmp_
             torch.testing.assert_close(out[i], singles[name](ids[i:i + 1])[0], rtol=0, atol=1e-5)
             assert (out[i] - base(ids[i:i + 1])[0]).abs().max() > 1e-2
     lora.remove()
+
+
+def test_adapters_apply_to_the_batching_thread_only_and_fit_the_layout(tmp_path):
+    import threading
+
+    from dhad.lora import LoraConfig, apply_lora, save_adapter
+    cfg = Config.from_name("tiny-llama")
+    model = Transformer(cfg).init_weights(seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    lora = MultiLoRA(model, {"a": _random_adapter(cfg, ["q", "down"], 4, 2.0, 1)})
+    with torch.no_grad():
+        base = model(ids)
+        seen = {}
+        with lora.batch([0]):
+            inside = model(ids)
+            t = threading.Thread(target=lambda: seen.setdefault("other", model(ids)))  # e.g. an eval beside the engine
+            t.start()
+            t.join()
+    assert (inside - base).abs().max() > 1e-2 and torch.equal(seen["other"], base)
+    lora.remove()
+    jcfg = Config.from_name("tiny-jais")
+    jais = apply_lora(Transformer(jcfg).init_weights(seed=0), LoraConfig(r=2, targets=("q", "k", "v")))
+    d = save_adapter(jais, tmp_path / "jais-adapter")
+    with pytest.raises(ValueError, match="other model layout"):
+        MultiLoRA.from_dirs(model, {"j": d})
