@@ -15,7 +15,7 @@ Printed: aggregate tokens/s of each and the ratios mixed / base (the adapters' o
 mixed / one-by-one (what batching different adapters together buys).
 
     .venv/bin/python benchmarks/bench_multi_lora.py [--streams 8] [--adapters 4] [--rank 16] [--new-tokens 32]
-        [--hidden 512 --layers 8] [--threads 2]
+        [--hidden 512 --layers 8] [--threads 1]
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)  # one: OpenMP spin-waits of tiny decode ops on a shared CPU
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = Config.from_name("tiny-llama", n_embd=args.hidden, n_head=args.hidden // 64, n_kv_head=args.hidden // 64,

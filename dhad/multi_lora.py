@@ -22,7 +22,9 @@ Design choices:
   form spends S times the expand FLOPs of per-slice matmuls -- r * out per token, small beside the
   base's in * out -- for 2 kernel launches instead of 2 + S, which is what decode time is made of).
 - Per-row adapter index (punica's BGMV): each row gathers its adapter's A/B and one batched matmul
-  does all rows, ``y[b] += B[i_b] (A[i_b] x[b])``. Rows with index -1 run the base model: they are
+  does all rows, ``y[b] += B[i_b] (A[i_b] x[b])``. (Segments instead -- per adapter present, its rows
+  through two plain matmuls, S-LoRA's SGMV -- measured slower on CPU: one decode step of 8 rows over
+  4 rank-16 adapters, 512 hidden, 8 layers, 1 thread: base 73 ms, this 86 ms, segments 90 ms.) Rows with index -1 run the base model: they are
   not touched at all, so their numbers are exactly those of the model without adapters; a batch of
   base rows only costs nothing.
 - The state (which rows use which adapter) is set for one forward by `batch`, for the calling thread
