@@ -41,11 +41,8 @@ class RequestError(EngineError, ValueError):
     """The request cannot be served as asked (HTTP 400): the message names the problem."""
 
 
-class UnknownAdapter(RequestError, KeyError):
+class UnknownAdapter(RequestError):
     """The request names a LoRA adapter this engine does not hold (HTTP 404 ``model_not_found``)."""
-
-    def __str__(self):  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 class EngineClosed(EngineError):

@@ -20,13 +20,13 @@ Design choices:
   rows and rank columns, zeros elsewhere. Ranks are padded to the largest with zeros and a target an
   adapter lacks is all zeros: both add exactly 0. Two batched matmuls per linear module (the block
   form spends S times the expand FLOPs of per-slice matmuls -- r * out per token, small beside the
-  base's in * out -- for 2 kernel launches instead of 2 + S, which is what decode time is made of).
+  base's in * out -- for 2 matmuls instead of 2 + S).
 - Per-row adapter index (punica's BGMV): each row gathers its adapter's A/B and one batched matmul
-  does all rows, ``y[b] += B[i_b] (A[i_b] x[b])``. (Segments instead -- per adapter present, its rows
-  through two plain matmuls, S-LoRA's SGMV -- measured slower on CPU: one decode step of 8 rows over
-  4 rank-16 adapters, 512 hidden, 8 layers, 1 thread: base 73 ms, this 86 ms, segments 90 ms.) Rows with index -1 run the base model: they are
+  does all rows, ``y[b] += B[i_b] (A[i_b] x[b])``. Rows with index -1 run the base model: they are
   not touched at all, so their numbers are exactly those of the model without adapters; a batch of
-  base rows only costs nothing.
+  base rows only costs nothing. (Segments instead -- per adapter present, its rows through two plain
+  matmuls, S-LoRA's SGMV -- measured slower on CPU: one decode step of 8 rows over 4 rank-16
+  adapters, 512 hidden, 8 layers, 1 thread, shared machine: base 73 ms, this 86 ms, segments 90 ms.)
 - The state (which rows use which adapter) is set for one forward by `batch`, for the calling thread
   only, and cleared after it: the model is shared, and anything else that calls it (another thread
   too) sees the base model.
@@ -106,7 +106,8 @@ class MultiLoRA:
                 fin = _in_features(model, layer, mod)
                 if A.dim() != 2 or B.dim() != 2 or A.shape[1] != fin or B.shape != (hi - lo, A.shape[0]):
                     raise ValueError(f"adapter {name!r}: layer {layer} {target}: A {tuple(A.shape)} / B "
-                                     f"{tuple(B.shape)} do not fit this model (expected A [r, {fin}], B [{hi - lo}, r])")
+                                     f"{tuple(B.shape)} do not fit this model "
+                                     f"(expected A [r, {fin}], B [{hi - lo}, r])")
                 sub = slots.setdefault((layer, mod), [])
                 if (lo, hi) not in sub:  # "qkv" in one adapter and "q" in another: two slots, both added
                     sub.append((lo, hi))

@@ -93,6 +93,7 @@ def test_mixed_adapter_batch_equals_each_alone_and_the_merged_model(setup):
         alone = [eng.generate(p, max_new_tokens=N_NEW, adapter=a, timeout=60, **NO_EOS).token_ids for p, a in PROMPTS]
     finally:
         eng.shutdown()
+        eng.lora.remove()  # the module's model serves the next tests plain
     assert mixed == alone
     assert mixed == want
 
@@ -168,6 +169,7 @@ def test_bad_adapters_and_requests_are_refused(setup):
             eng.submit([1, 2], adapter="gamma")
     finally:
         eng.shutdown()
+        eng.lora.remove()  # the module's model serves the next tests plain
 
 
 # --- the HTTP API: `dhad serve --adapter NAME=DIR` ------------------------------------------------
@@ -341,6 +343,7 @@ def test_vllm_engine_passes_adapters_as_lora_requests(setup, monkeypatch):
                 assert h.result(60).token_ids == want.token_ids
         finally:
             native.shutdown()
+            native.lora.remove()
         seen = [(r.lora_name, r.lora_int_id, r.lora_path) if r else None for r in eng._engine.seen]
         assert seen == [None if a is None else (a, 1 if a == "alpha" else 2, str(dirs[a].resolve()))
                         for _, a in PROMPTS]
@@ -356,7 +359,8 @@ def test_adapter_dirs_written_by_dhad_batch_like_dhad_lora_unmerged(preset, tmp_
     cfg = Config.from_name(preset)
     base = Transformer(cfg).init_weights(seed=0).eval()
     dirs, singles = {}, {}
-    for name, seed, targets in (("a", 1, ("q", "k", "v", "o", "gate", "up", "down")), ("b", 2, ("q", "k", "v", "down"))):
+    every = ("q", "k", "v", "o", "gate", "up", "down")
+    for name, seed, targets in (("a", 1, every), ("b", 2, ("q", "k", "v", "down"))):
         m = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets=targets), seed=seed)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():  # trained-looking B (PEFT's init has B = 0)
@@ -399,3 +403,52 @@ def test_adapters_apply_to_the_batching_thread_only_and_fit_the_layout(tmp_path)
     d = save_adapter(jais, tmp_path / "jais-adapter")
     with pytest.raises(ValueError, match="other model layout"):
         MultiLoRA.from_dirs(model, {"j": d})
+
+
+def test_serve_cli_with_adapters(setup):
+    """`dhad serve --adapter NAME=DIR` end to end, in its own process: the adapters are model ids, and a
+    completion through one equals the in-process engine's (itself checked against PEFT above)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "dhad", "serve", "--model", str(setup["dir"]), "--port", str(port),
+           "--served-model-name", "base", "--log-level", "warning"]
+    for name, d in setup["dirs"].items():
+        cmd += ["--adapter", f"{name}={d}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            time.sleep(0.1)
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["base", "alpha", "beta"]
+        r = httpx.post(url + "/v1/completions", timeout=60,
+                       json={"model": "beta", "prompt": "abc", "max_tokens": N_NEW, "temperature": 0}).json()
+        eng = Engine(setup["model"], setup["tok"], adapters=MultiLoRA.from_dirs(setup["model"], setup["dirs"]))
+        with eng.start():
+            want = eng.generate(setup["tok"].encode("abc", add_special_tokens=True), max_new_tokens=N_NEW,
+                                adapter="beta", timeout=60)
+        eng.lora.remove()
+        assert r["model"] == "beta" and r["choices"][0]["text"] == want.text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
