@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 
 import pytest
 import torch
@@ -226,6 +227,14 @@ def test_http_model_field_picks_the_adapter_in_a_shared_batch(served, setup):
             "model": name, "input_data": {"input_string": msgs, "parameters": {"max_new_tokens": N_NEW}}}).json()
         assert c["model"] == name and c["choices"][0]["message"]["content"] == s["output"]
         answers[name] = s["output"]
+    # streamed: every chunk names the adapter, and the text is the same
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "beta", "messages": msgs, "max_tokens": N_NEW, "temperature": 0, "stream": True}) as resp:
+        data = [ln[6:] for ln in resp.iter_lines() if ln.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert {c["model"] for c in chunks} == {"beta"}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == answers["beta"]
     plain = httpx.post(server.url + "/score", timeout=60, json={
         "input_data": {"input_string": msgs, "parameters": {"max_new_tokens": N_NEW}}}).json()
     assert plain["output"] == answers["base"]  # no model: the base model
