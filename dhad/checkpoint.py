@@ -401,6 +401,27 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, d
     return out
 
 
+def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out_dir: str | os.PathLike, dtype=None,
+                  max_shard_size: int | str | None = None) -> Path:
+    """Fold a LoRA adapter (PEFT's format) into its base and write the merged model as a Hugging Face
+    model directory (the base's tokenizer files and generation config carried over); returns it."""
+    from dhad.lora import merge_lora
+    base_dir = resolve_model_dir(base)
+    model = merge_lora(load_model(base_dir, adapter=adapter))
+    tok = base_dir if any((base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else None
+    gen = None
+    if (base_dir / "generation_config.json").is_file():
+        try:
+            gen = json.loads((base_dir / "generation_config.json").read_text(encoding="utf-8"))
+        except ValueError:
+            gen = None
+    src_dtype = json.loads((base_dir / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+    if dtype is None and src_dtype in DTYPES:
+        dtype = src_dtype
+    return save_model(model, out_dir, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size,
+                      generation_config=gen if isinstance(gen, dict) else None)
+
+
 def _parse_size(s) -> int:
     if isinstance(s, int):
         return s

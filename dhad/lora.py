@@ -106,8 +106,9 @@ def _subs(config: Config, target: str) -> tuple[str, str]:
     return "mlp.fc", target
 
 
-def _rows(config: Config, sub: str, out_features: int) -> slice:
-    """The rows of the dhad module's output that a sub-projection owns."""
+def sub_rows(config: Config, sub: str, out_features: int) -> slice:
+    """The rows of a dhad module's output (``out_features`` wide) that a sub-projection owns, e.g.
+    ``sub_rows(config, "k", 128)`` -> slice(64, 96) on tiny-llama's attn.qkv (read_adapter's ``sub``)."""
     nq, nkv = config.n_embd, config.n_kv_head * config.head_dim
     if sub == "q":
         return slice(0, nq)
@@ -331,7 +332,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int | None = 0, quant
     for block in _block_modules(model):
         for path, subs in where.items():
             base = _get(block, path)
-            layer = LoraLinear(base, {s: _rows(config, s, base.out_features) for s in subs}, cfg, dtype=dtype,
+            layer = LoraLinear(base, {s: sub_rows(config, s, base.out_features) for s in subs}, cfg, dtype=dtype,
                                nf4=quantize == "nf4", double_quant=double_quant)
             layer.reset_lora(cfg.init, g)
             _set(block, path, layer)
@@ -430,7 +431,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[tuple
     and ``sub`` the sub-projection whose output rows B writes: ``"q"``, ``"k"``, ``"v"`` (Llama; rows of
     `attn.qkv` in that order), ``"qkv"`` (Jais' c_attn: all of `attn.qkv`), ``"o"``, ``"gate"`` / ``"up"``
     (the first / second half of a gated `mlp.fc`; a GELU model's whole `mlp.fc` is ``"up"``), ``"down"``.
-    The adapter's contribution is ``config.scaling * B @ A @ x`` on those rows. Tensors are as stored
+    The adapter's contribution is ``config.scaling * B @ A @ x`` on those rows (`sub_rows(model_config,
+    sub, out_features)` gives them as a slice). Tensors are as stored
     (dtype and all); `config.targets` lists the targets found in the file."""
     from safetensors import safe_open
     d = Path(adapter_dir)

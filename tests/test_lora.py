@@ -347,3 +347,95 @@ def test_lora_dpo_reference_is_the_base_with_adapters_off(tmp_path):
             assert abs(x[k] - y[k]) < 1e-5, (k, x[k], y[k])
     assert a[-1]["rewards/margin"] != 0.0  # the adapters moved the policy away from the base
     assert (tmp_path / "frozen" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_cli_adapt_merge_writes_a_checkpoint_transformers_reads(llama_dir, tmp_path, capsys):
+    from dhad.cli import main
+    pm = peft_model(llama_dir, ("q", "o", "gate", "down"))
+    pm.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        want = pm(ids).logits
+    assert main(["adapt", "merge", "--model", str(llama_dir), "--adapter", str(tmp_path / "peft"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (merged(ids).logits - want).abs().max() < 1e-5
+    # a missing or broken adapter is a clear error (exit 2), not a traceback
+    assert main(["adapt", "merge", "--model", str(llama_dir), "--adapter", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "m2")]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("patch,match", [
+    ({"type": "pretrain", "batch": {"micro_batch_size": 1, "seq_len": 8}}, r"peft: LoRA adapters are for sft and dpo"),
+    ({"peft": {"targets": ["q", "qq"]}}, r"peft\.targets: names among"),
+    ({"peft": {"r": 0}}, r"peft\.r: r must be a positive integer"),
+    ({"peft": {"dropout": 1.5}}, r"peft\.dropout"),
+    ({"peft": {"quantize": "int4"}}, r"peft\.quantize: must be nf4"),
+    ({"peft": {"quantize": "nf4"}, "distributed": "fsdp"}, r"peft\.quantize: nf4 \(QLoRA\) is a one-device method"),
+    ({"peft": {"rank": 8}}, r"peft: unknown key\(s\) \['rank'\]"),
+    ({"peft": {"method": "ia3"}}, r"peft\.method: only 'lora'"),
+])
+def test_bad_peft_blocks_name_the_field(patch, match):
+    from dhad.train.recipe import RecipeError, parse_recipe
+    d = dict(type="sft", model={"preset": "tiny-llama"}, data={"sources": {"chat": "sft"}}, peft={},
+             schedule={"total_steps": 4})
+    d.update(patch)
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(d)
+
+
+def test_shipped_lora_recipes():
+    from dhad.train.recipe import find_recipe, load_recipe
+    for name in ("allam-2-7b-chat-lora", "allam-2-7b-chat-qlora", "jais-family-590m-chat-lora",
+                 "jais-family-6p7b-chat-lora", "allam-2-7b-dpo-lora", "tiny-lora-sft", "tiny-qlora-sft", "tiny-lora-dpo"):
+        r = load_recipe(find_recipe(name))
+        assert r.peft is not None and r.type in ("sft", "dpo") and set(r.peft.targets) == set(
+            ("q", "k", "v", "o", "gate", "up", "down")), name
+        assert (r.peft.quantize == "nf4") == ("qlora" in name), name
+        if r.type == "dpo":
+            assert r.objective["reference"] == "frozen"  # = the base with adapters off
+    big = load_recipe(find_recipe("allam-2-7b-chat-lora"))  # the QLoRA paper's 7B values
+    assert (big.peft.r, big.peft.alpha, big.peft.dropout, big.optimizer.lr, big.clip_grad) == (64, 16, 0.1, 2e-4, 0.3)
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp2_two_processes_equals_one_process(sft_world, tmp_path):
+    """torchrun, 2 CPU processes (gloo), FSDP2: the adapters shard with their blocks, the losses are the
+    1-process run's and the adapter written (gathered from the shards) is the same."""
+    import yaml
+    from safetensors.torch import load_file
+    from test_train_dist import _close, _losses, _torchrun
+
+    from dhad.train.loop import train
+    recipe = dict(type="sft", seed=5, model={"init_from": str(sft_world / "base")},
+                  data={"sources": {"chat": str(sft_world / "sft")}},
+                  peft={"r": 4, "alpha": 8, "targets": ["q", "k", "v", "o", "gate", "up", "down"]},
+                  optimizer={"lr": 1e-2, "weight_decay": 0.0, "fused": False},
+                  schedule={"warmup_steps": 1, "total_steps": 3},
+                  batch={"micro_batch_size": 2, "global_batch_size": 8}, precision="fp32", eval_batches=0,
+                  peak_flops=1e12)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    ref = train(path, run_dir=tmp_path / "one", progress=False)
+    recs = _torchrun(tmp_path, path, tmp_path / "fsdp", "--set", "distributed=fsdp")
+    assert next(r for r in recs if r["event"] == "start")["strategy"] == "fsdp"
+    _close(_losses(recs), ref.losses)
+    one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
+    assert one.keys() == two.keys() and len(one) == 2 * 2 * 7
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_a_lora_target_the_model_cannot_take_is_a_clear_train_error(tmp_path):
+    from dhad.train.loop import TrainError, train
+    from dhad.train.recipe import parse_recipe
+    dhad.save_model(Transformer(Config.from_name("tiny-jais")).init_weights(seed=0), tmp_path / "jais")
+    _sft_world(tmp_path)  # shards of vocabulary 512, as tiny-jais
+    r = parse_recipe(dict(type="sft", model={"init_from": str(tmp_path / "jais")},
+                          data={"sources": {"chat": str(tmp_path / "sft")}}, peft={"targets": ["q", "v"]},
+                          schedule={"total_steps": 2}, eval_batches=0, peak_flops=1e11))
+    with pytest.raises(TrainError, match=r"peft: .*target q, k and v together"):
+        train(r, run_dir=tmp_path / "run", progress=False)

@@ -174,12 +174,22 @@ def build_model(recipe: Recipe) -> Transformer:
 
 
 def add_adapters(model: Transformer, recipe: Recipe) -> Transformer:
-    """The recipe's `peft:` block: LoRA adapters on the frozen model (QLoRA: the base in NF4)."""
-    from dhad.lora import LoraConfig, apply_lora
+    """The recipe's `peft:` block: LoRA adapters on the frozen model (QLoRA: the base in NF4).
+    Under bf16 the frozen parameters are stored in bf16 (they need no fp32 master copy, and autocast then
+    keeps no bf16 copies of them): the adapters alone are fp32 master weights."""
+    from dhad.lora import LoraConfig, LoraError, apply_lora
     p = recipe.peft
-    cfg = LoraConfig(r=p.r, alpha=p.alpha, dropout=p.dropout, targets=tuple(p.targets), rslora=p.rslora, init=p.init,
-                     base_model=recipe.model.init_from or recipe.model.preset)
-    return apply_lora(model, cfg, seed=recipe.seed, quantize=p.quantize, double_quant=p.double_quant)
+    if recipe.precision == "bf16":
+        with torch.no_grad():
+            for param in model.parameters():  # parameters only: buffers (RoPE tables, ALiBi slopes) stay fp32
+                param.data = param.data.to(torch.bfloat16)
+    try:
+        cfg = LoraConfig(r=p.r, alpha=p.alpha, dropout=p.dropout, targets=tuple(p.targets), rslora=p.rslora,
+                         init=p.init, base_model=recipe.model.init_from or recipe.model.preset)
+        return apply_lora(model, cfg, seed=recipe.seed, quantize=p.quantize, double_quant=p.double_quant,
+                          dtype=torch.float32)
+    except LoraError as e:  # e.g. q without k and v on the Jais layout; bitsandbytes missing for nf4
+        raise TrainError(f"peft: {e}") from None
 
 
 def materialize(model: Transformer, recipe: Recipe, device) -> None:
