@@ -180,7 +180,7 @@ class LoraLinear(nn.Linear):
         if nf4:
             packed, self.quant_state = quantize_nf4(w.data, double_quant)
             self.weight = None
-            self.register_buffer("weight_nf4", packed)
+            self.register_buffer("weight_nf4", packed, persistent=False)  # derived from the base: not state
         else:
             self.weight = w
         self.lora_A = nn.ParameterDict({s: nn.Parameter(torch.empty(cfg.r, self.in_features, device=dev, dtype=dt))

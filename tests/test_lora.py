@@ -271,6 +271,11 @@ def test_lora_sft_run_trains_only_adapters_writes_a_peft_adapter_and_resumes(sft
         want = trained.eval()(ids)
         assert (dhad.load_model(sft_world / "base", adapter=res.adapter_dir)(ids) - want).abs().max() < 1e-5
     assert (res.checkpoint / "adapter" / "adapter_model.safetensors").is_file()
+    # the training state holds the adapters alone: the frozen base is the recipe's, not written again
+    import torch.distributed.checkpoint as dcp
+    saved = dcp.FileSystemReader(str(res.checkpoint / "train_state")).read_metadata().state_dict_metadata
+    model_keys = [k for k in saved if k.startswith("model.")]
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)
     # interrupted at step 3 and resumed: the same loss sequence
     train(_sft_recipe(sft_world, 6, peft_block), run_dir=tmp_path / "cut", progress=False, stop_at=3)
     train(_sft_recipe(sft_world, 6, peft_block), run_dir=tmp_path / "cut", progress=False, resume=True)

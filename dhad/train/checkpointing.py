@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from dhad.train.distributed import DistEnv, barrier, unwrap
 from dhad.utils import atomic_write_json as _write_json_atomic
@@ -82,8 +82,11 @@ def set_rng_state(st: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Save / load
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict, env: DistEnv, keep: int = 2) -> Path:
-    """Write the training state after `step` optimizer updates; collective (every rank calls it)."""
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict, env: DistEnv, keep: int = 2,
+                    trainable_only: bool = False) -> Path:
+    """Write the training state after `step` optimizer updates; collective (every rank calls it).
+    trainable_only (LoRA runs): the model state holds only the parameters that train -- the frozen base
+    is the run's starting point, rebuilt from the recipe on resume, and is not written again."""
     ck = Path(run_dir) / "checkpoints"
     final = ck / step_name(step)
     tmp = ck / f".tmp-{step_name(step)}"
@@ -96,7 +99,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict, env:
     m = unwrap(model)
     # Which parameters have optimizer state (a frozen stage leaves some without): load needs the same set.
     with_state = [n for n, p in m.named_parameters() if p in optimizer.state]
-    msd, osd = get_state_dict(m, optimizer)
+    msd, osd = get_state_dict(m, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only))
     with warnings.catch_warnings():  # single-process DCP warns that it is single-process
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "train_state"))
@@ -159,8 +162,9 @@ def set_aside(path: Path, env: DistEnv) -> Path:
 KERNEL_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how AdamW runs, not what it computes
 
 
-def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict:
-    """Restore model, optimizer and this rank's RNG from `path`; returns its meta.json."""
+def load_checkpoint(path: Path, model, optimizer, env: DistEnv, trainable_only: bool = False) -> dict:
+    """Restore model, optimizer and this rank's RNG from `path`; returns its meta.json.
+    trainable_only: the checkpoint holds the trainable parameters alone (see `save_checkpoint`)."""
     path = Path(path)
     meta_p = path / "meta.json"
     if not meta_p.is_file():
@@ -190,7 +194,8 @@ def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict:
         for n, p in m.named_parameters():
             p.requires_grad_(n in set(had))
     try:
-        msd, osd = get_state_dict(m, optimizer)
+        opts = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+        msd, osd = get_state_dict(m, optimizer, options=opts)
         _check_same_model(path / "train_state", msd)
         sd = {"model": msd, "optim": osd}
         with warnings.catch_warnings():
@@ -200,7 +205,7 @@ def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict:
             except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - zip reader, unpickler, ...
                 raise CheckpointError(f"{path / 'train_state'}: cannot read the model/optimizer state "
                                       f"(corrupt or truncated file?): {_short(e)}") from None
-        set_state_dict(m, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        set_state_dict(m, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=opts)
     finally:
         for g in optimizer.param_groups:  # the kernel is this run's choice, not the saving run's
             g.update(kernel)

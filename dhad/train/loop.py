@@ -518,7 +518,7 @@ def _resume(run: _Run) -> int:
     for ck in candidates:
         err = None
         try:
-            meta = load_checkpoint(ck, run.wrapped, run.optimizer, env)
+            meta = load_checkpoint(ck, run.wrapped, run.optimizer, env, trainable_only=run.recipe.peft is not None)
             try:
                 run.mixture.load_state_dict(meta["data"])
                 start = int(meta["step"])
@@ -581,7 +581,8 @@ def _checkpoint(run: _Run, step: int) -> Path:
     meta = {"data": mixture.state_dict(), "plan": [_seg_key(s) for s in plan.segments if s.start < step],
             "tokens": plan.tokens_before(step), "recipe": run.recipe.to_dict(), "mixture": mixture.report(),
             "train_seconds": run.train_seconds()}
-    ck = save_checkpoint(run.run_dir, step, run.wrapped, run.optimizer, meta, run.env, run.recipe.keep_checkpoints)
+    ck = save_checkpoint(run.run_dir, step, run.wrapped, run.optimizer, meta, run.env, run.recipe.keep_checkpoints,
+                         trainable_only=run.recipe.peft is not None)
     if run.recipe.peft is not None:  # beside the training state: the adapter as PEFT reads it
         save_adapter_dir(run.wrapped, ck / "adapter", run.env)
     return ck
