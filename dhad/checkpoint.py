@@ -214,7 +214,7 @@ def resolve_model_dir(path: str | os.PathLike, download: bool = False) -> Path:
     """A local model directory; with download=True a Hugging Face repo id is fetched (safetensors and
     JSON/tokenizer files only, never pickles) on a networked machine."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() or (p.is_file() and p.suffix.lower() == ".gguf"):  # a GGUF file is a whole model
         return p
     if not download:
         raise FileNotFoundError(
@@ -265,6 +265,9 @@ def _read_tensors(model_dir: Path, config, expected: dict[str, tuple]) -> Iterat
 def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download: bool = False) -> Transformer:
     """Load a Jais- or Llama-layout HF model directory into a dhad Transformer (eval mode)."""
     model_dir = resolve_model_dir(path, download=download)
+    if model_dir.is_file():  # a GGUF file (llama.cpp / Ollama), dequantised
+        from dhad.gguf import load_gguf
+        return load_gguf(model_dir, dtype=dtype, device=device)
     config = load_config(model_dir)
     dt = to_dtype(dtype)
     with torch.device("meta"):
