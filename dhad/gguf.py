@@ -211,6 +211,8 @@ def export_gguf(model: Transformer, tokenizer, out: str | os.PathLike, type: str
             w.add_rope_freq_base(c.rope_theta)
             w.add_layer_norm_rms_eps(c.norm_eps)
             w.add_rope_dimension_count(c.head_dim)
+            w.add_key_length(c.head_dim)
+            w.add_value_length(c.head_dim)
             w.add_vocab_size(c.vocab_size)
             rs = c.rope_scaling or {}
             if rs.get("rope_type", rs.get("type")) == "linear":
@@ -345,7 +347,8 @@ def load_gguf(path: str | os.PathLike, dtype="float32", device="cpu") -> Transfo
 
     gguf = _gguf()
     reader = _reader(path)
-    meta = _fields(reader)
+    meta = {k: f.contents() for k, f in reader.fields.items()  # not the (long) vocabulary: the tokenizer reads it
+            if not k.startswith(("tokenizer.", "dhad.")) or k.endswith("_token_id")}
     raw = {t.name: t for t in reader.tensors}
     shapes = {n: tuple(int(x) for x in reversed(t.shape.tolist())) for n, t in raw.items()}
     c = gguf_config(meta, shapes)

@@ -18,7 +18,7 @@ from dhad.cli import main  # noqa: E402
 from dhad.config import Config  # noqa: E402
 from dhad.gguf import GGUFError, export_gguf, gguf_tensors, load_gguf, read_metadata  # noqa: E402
 from dhad.model import Transformer  # noqa: E402
-from dhad.tokenizer import load_tokenizer, train_bpe  # noqa: E402
+from dhad.tokenizer import load_tokenizer, train_bpe, train_sentencepiece  # noqa: E402
 from dhad.tokenizer.gguf_vocab import tokenizer_from_gguf  # noqa: E402
 
 # dhad's own BPE regex has no llama.cpp twin: the export says so (tested below) and names GPT-2's
@@ -38,7 +38,7 @@ def jais_config(**kw) -> Config:
 
 
 def llama_config(**kw) -> Config:
-    base = dict(vocab_size=32000, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_inner=96, block_size=128,
+    base = dict(vocab_size=448, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_inner=96, block_size=128,
                 norm="rmsnorm", position="rope", mlp="gated", bias=False, tie_embeddings=False,
                 embedding_scale=1.0, logits_scale=1.0, attn_scale_power=0.5, bos_token_id=1, eos_token_id=2,
                 pad_token_id=None)
@@ -51,13 +51,33 @@ def bpe_tok():
     return train_bpe(TEXTS, 300)
 
 
+LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                   "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+
+
 @pytest.fixture(scope="module")
-def spm_tok(fixtures_dir):
-    return load_tokenizer(fixtures_dir / "tokenizers" / "llama2-style")
+def spm_tok():
+    """A small Llama-2-style SentencePiece BPE (byte fallback, <unk> <s> </s>, BOS added)."""
+    return train_sentencepiece(TEXTS, 400, chat_template=LLAMA2_TEMPLATE, num_threads=1)
 
 
 def model(config, seed=0) -> Transformer:
     return Transformer(config).init_weights(seed=seed).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, bpe_tok, spm_tok):
+    """exported(arch, type) -> (model, tokenizer, GGUF path): the standard tiny Llama / Jais, each written once
+    per type for the whole module."""
+    root, cache = tmp_path_factory.mktemp("gguf"), {}
+    models = {"llama": (model(llama_config()), spm_tok), "jais": (model(jais_config()), bpe_tok)}
+
+    def get(arch, type_):
+        if (arch, type_) not in cache:
+            m, tok = models[arch]
+            cache[arch, type_] = m, tok, export_gguf(m, tok, root / f"{arch}-{type_}.gguf", type_)
+        return cache[arch, type_]
+    return get
 
 
 def logits(m, tok, text, bos=False):
@@ -73,9 +93,8 @@ def f16(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # round trips
 
-def test_llama_f16_round_trip_is_exact_to_f16_rounding(tmp_path, spm_tok):
-    m = model(llama_config())
-    path = export_gguf(m, spm_tok, tmp_path / "l.gguf", "f16")
+def test_llama_f16_round_trip_is_exact_to_f16_rounding(exported, spm_tok):
+    m, _, path = exported("llama", "f16")
     back = dhad.load_model(path)  # the public API reads GGUF files
     assert back.config.hf_layout == "llama" and back.config.n_kv_head == 2 and not back.config.tie_embeddings
     sd, ref = back.state_dict(), m.state_dict()
@@ -86,10 +105,9 @@ def test_llama_f16_round_trip_is_exact_to_f16_rounding(tmp_path, spm_tok):
         assert (logits(back, spm_tok, p, True) - logits(m, spm_tok, p, True)).abs().max() < 2e-3
 
 
-def test_jais_f16_round_trip_folds_mup_scales(tmp_path, bpe_tok):
-    c = jais_config()
-    m = model(c)
-    path = export_gguf(m, bpe_tok, tmp_path / "j.gguf", "f16")
+def test_jais_f16_round_trip_folds_mup_scales(exported, bpe_tok):
+    m, _, path = exported("jais", "f16")
+    c = m.config
     back = load_gguf(path)
     bc = back.config
     assert (bc.embedding_scale, bc.logits_scale, bc.attn_scale_power, bc.tie_embeddings) == (1.0, 1.0, 1.0, False)
@@ -126,9 +144,8 @@ def test_jais_without_mup_attention_is_folded_into_q(tmp_path, bpe_tok):
 
 @pytest.mark.parametrize("arch", ["llama", "jais"])
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
-def test_quantised_tensors_are_gguf_quants_bytes(tmp_path, arch, qtype, bpe_tok, spm_tok):
-    m, tok = (model(llama_config()), spm_tok) if arch == "llama" else (model(jais_config()), bpe_tok)
-    path = export_gguf(m, tok, tmp_path / "m.gguf", qtype)
+def test_quantised_tensors_are_gguf_quants_bytes(exported, arch, qtype):
+    m, tok, path = exported(arch, qtype)
     Q = getattr(gguf.GGMLQuantizationType, qtype.upper())
     stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     _, want = gguf_tensors(m)
@@ -179,16 +196,15 @@ def _names(per_layer, n_layer, top):
     return set(top) | {f"blk.{i}.{n}" for i in range(n_layer) for n in per_layer}
 
 
-def test_llama_metadata_and_tensor_names(tmp_path, spm_tok):
-    m = model(llama_config())
-    path = export_gguf(m, spm_tok, tmp_path / "l.gguf", "f16")
+def test_llama_metadata_and_tensor_names(tmp_path, exported, spm_tok):
+    m, _, path = exported("llama", "f16")
     meta = read_metadata(path)
     for k, v in LLAMA_KEYS.items():
         assert meta[k] == v, k
     assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
     assert meta["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    assert len(tokens) == len(meta["tokenizer.ggml.scores"]) == len(types) == 32000
+    assert len(tokens) == len(meta["tokenizer.ggml.scores"]) == len(types) == 448
     assert tokens[:3] == ["<unk>", "<s>", "</s>"] and types[:3] == [2, 3, 3] and types[3] == 6  # <0x00>: byte
     names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
     per = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
@@ -200,8 +216,8 @@ def test_llama_metadata_and_tensor_names(tmp_path, spm_tok):
     assert load_gguf(tied).config.tie_embeddings
 
 
-def test_jais_metadata_and_tensor_names(tmp_path, bpe_tok):
-    path = export_gguf(model(jais_config()), bpe_tok, tmp_path / "j.gguf", "q8_0")
+def test_jais_metadata_and_tensor_names(exported, bpe_tok):
+    _, _, path = exported("jais", "q8_0")
     meta = read_metadata(path)
     for k, v in JAIS_KEYS.items():
         assert meta[k] == v, k
@@ -232,12 +248,10 @@ def test_alibi_train_seq_len_caps_the_context(tmp_path, bpe_tok):
 # ---------------------------------------------------------------------------------------------
 # tokenizers
 
-def test_tokenizer_round_trips(tmp_path, bpe_tok, spm_tok):
+def test_tokenizer_round_trips(exported, bpe_tok):
     """dhad's exact copy gives the same ids; llama.cpp's keys alone rebuild the same tokenizer too."""
-    for tok, cfg in ((bpe_tok, jais_config()), (spm_tok, llama_config())):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            path = export_gguf(model(cfg), tok, tmp_path / "m.gguf", "q8_0")
+    for arch in ("jais", "llama"):
+        _, tok, path = exported(arch, "q8_0")
         meta = read_metadata(path)
         exact, rebuilt = load_tokenizer(path), tokenizer_from_gguf(meta, exact=False)
         assert exact.chat_template == tok.chat_template == rebuilt.chat_template
@@ -249,16 +263,28 @@ def test_tokenizer_round_trips(tmp_path, bpe_tok, spm_tok):
             assert rebuilt.decode(ids) == tok.decode(ids)
 
 
+def _meta_of(tok, tmp_path):
+    """The tokenizer metadata the export writes (read from the writer: no 100k-string file to parse back)."""
+    from dhad.tokenizer.gguf_vocab import write_tokenizer
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    write_tokenizer(w, tok, tok.vocab_size, "llama")
+    return {k: v.value for k, v in w.kv_data[0].items()}
+
+
+def test_real_llama2_tokenizer_rebuilt_from_llama_cpp_keys(tmp_path, fixtures_dir):
+    tok = load_tokenizer(fixtures_dir / "tokenizers" / "llama2-style")
+    meta = _meta_of(tok, tmp_path)
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_bos_token"] is True
+    rebuilt = tokenizer_from_gguf(meta, exact=False)
+    for p in PROMPTS[:2] + ["<s> x </s>", "The quick brown fox"]:
+        ids = tok.encode(p, add_special_tokens=True)
+        assert rebuilt.encode(p, add_special_tokens=True) == ids, p
+        assert rebuilt.decode(ids) == tok.decode(ids)
+
+
 def test_llama3_pre_tokenizer_is_named_and_rebuilt(tmp_path, fixtures_dir):
     tok = load_tokenizer(fixtures_dir / "tokenizers" / "llama3")
-    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    from dhad.tokenizer.gguf_vocab import write_tokenizer
-    write_tokenizer(w, tok, tok.vocab_size, "llama")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    meta = read_metadata(tmp_path / "t.gguf")
+    meta = _meta_of(tok, tmp_path)
     assert meta["tokenizer.ggml.pre"] == "llama-bpe"
     rebuilt = tokenizer_from_gguf(meta, exact=False)
     for p in ["Hello world, how are you?", "12345 numbers", "<|begin_of_text|>hi"]:
@@ -288,9 +314,9 @@ def test_export_command_and_generate_from_gguf(tmp_path, bpe_tok, capsys):
     assert main(["export", "gguf", "--model", str(out), "--out", str(tmp_path / "k.gguf")]) == 0
 
 
-def test_serve_backend_loads_a_gguf(tmp_path, bpe_tok):
+def test_serve_backend_loads_a_gguf(exported, bpe_tok):
     from dhad.serve.backend import load_backend
-    path = export_gguf(model(jais_config()), bpe_tok, tmp_path / "j.gguf", "f16")
+    _, _, path = exported("jais", "f16")
     b = load_backend(path, max_batch_size=1)
     assert b.fmt is not None and b.tokenizer.chat_template == bpe_tok.chat_template
 

@@ -106,8 +106,8 @@ def write_tokenizer(w, tok: Tokenizer, vocab_size: int, arch: str) -> None:
         w.add_token_scores(scores)
         w.add_token_types(types)
         w.add_add_space_prefix(tok.adds_prefix_space)
-        if unk is not None:
-            w.add_unk_token_id(unk)
+    if tok.unk_token_id is not None:
+        w.add_unk_token_id(tok.unk_token_id)
     if tok.bos_token_id is not None:
         w.add_bos_token_id(tok.bos_token_id)
     if tok.eos_token_id is not None:

@@ -1,0 +1,150 @@
+"""dhad's GGUF export against a real llama.cpp: llama-cpp-python built from its source package in a venv
+of its own, and llama.cpp's own convert_hf_to_gguf.py vendored in that package (scripts/test-llamacpp.sh
+builds both and sets DHAD_LLAMACPP_PYTHON / DHAD_LLAMACPP_SRC; `bash scripts/test.sh` runs it when
+CI=true or DHAD_TEST_LLAMACPP=1). Skipped without them, except under DHAD_REQUIRE_LLAMACPP=1 (the
+script sets it), where a missing llama.cpp is a failure.
+
+For a tiny Llama (GQA, untied, the Llama-2-design SentencePiece tokenizer) and a tiny Jais (muP, ALiBi,
+SwiGLU with biases):
+- llama.cpp loads dhad's f16 export; fed the same prompt and then its own greedy tokens, it picks the same
+  64 greedy tokens as dhad running the same f16 weights (`dhad.load_model(file.gguf)`), and every
+  position's logits agree to 5e-2;
+- llama.cpp tokenizes text from the GGUF's tokenizer metadata as dhad does;
+- dhad's q8_0 tensors are byte-equal to `convert_hf_to_gguf.py --outtype q8_0` on the same HF checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+PY, SRC = os.environ.get("DHAD_LLAMACPP_PYTHON"), os.environ.get("DHAD_LLAMACPP_SRC")
+if not (PY and SRC):
+    if os.environ.get("DHAD_REQUIRE_LLAMACPP"):
+        raise RuntimeError("DHAD_REQUIRE_LLAMACPP is set but DHAD_LLAMACPP_PYTHON / DHAD_LLAMACPP_SRC are not: "
+                           "run scripts/test-llamacpp.sh")
+    pytest.skip("llama.cpp not built (scripts/test-llamacpp.sh builds it)", allow_module_level=True)
+
+gguf = pytest.importorskip("gguf")
+
+from dhad.checkpoint import save_model  # noqa: E402
+from dhad.config import Config  # noqa: E402
+from dhad.gguf import export_model_dir, load_gguf  # noqa: E402
+from dhad.model import Transformer  # noqa: E402
+from dhad.tokenizer import load_tokenizer, train_bpe  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.filterwarnings("ignore:llama.cpp has no pre-tokenizer")]
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = REPO / "scripts" / "llamacpp_run.py"
+TEXTS = ["Hello world, this is a small test of the tokenizer. " * 3,
+         "مرحبا بالعالم، هذا اختبار صغير للمقسم. " * 3, "Numbers 12345 and more words here.\n"] * 40
+N_GREEDY = 64
+
+
+def llamacpp(**args) -> dict:
+    r = subprocess.run([PY, str(RUNNER), json.dumps(args)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"llama.cpp runner failed:\n{r.stderr[-3000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def build(kind: str, root: Path, fixtures_dir: Path) -> tuple[Path, object]:
+    """A tiny model of `kind` saved as a Hugging Face directory (with its tokenizer)."""
+    if kind == "llama":
+        tok = load_tokenizer(fixtures_dir / "tokenizers" / "llama2-style")
+        cfg = Config(vocab_size=tok.vocab_size, n_layer=2, n_embd=128, n_head=4, n_kv_head=2, n_inner=256,
+                     block_size=256, norm="rmsnorm", position="rope", mlp="gated", bias=False, tie_embeddings=False,
+                     embedding_scale=1.0, logits_scale=1.0, attn_scale_power=0.5, bos_token_id=1, eos_token_id=2,
+                     initializer_range=0.1)
+    else:
+        tok = train_bpe(TEXTS, 300)
+        cfg = Config(vocab_size=320, n_layer=2, n_embd=128, n_head=4, n_inner=256, block_size=256,
+                     embedding_scale=9.1705785388303, mup_width_scale=0.5, mup_output_alpha=1.09518349815769,
+                     logits_scale=1.09518349815769 * 0.5, attn_scale_power=1.0, tie_embeddings=False,
+                     initializer_range=0.1)
+    model = Transformer(cfg).init_weights(seed=1).eval()
+    # published Jais checkpoints store lm_head.weight (convert_hf_to_gguf.py needs it for `output`)
+    return save_model(model, root / kind, tokenizer=tok), tok
+
+
+@pytest.fixture(scope="module", params=["llama", "jais"])
+def case(request, tmp_path_factory, fixtures_dir):
+    root = tmp_path_factory.mktemp(f"llamacpp-{request.param}")
+    d, tok = build(request.param, root, fixtures_dir)
+    return request.param, d, tok, root
+
+
+def test_llamacpp_agrees_with_dhad_on_the_f16_export(case):
+    kind, d, tok, root = case
+    f16 = export_model_dir(d, root / "f16.gguf", "f16")
+    prompt = tok.encode("Hello world, how are you? مرحبا", add_special_tokens=True)
+    got = llamacpp(mode="greedy", model=str(f16), prompt=prompt, n=N_GREEDY, out=str(root / "logits.npy"))
+    theirs = np.load(root / "logits.npy")
+    ours = load_gguf(f16)  # the same f16 weights, in float32
+    ids, mine = list(prompt), []
+    with torch.no_grad():
+        for _ in range(N_GREEDY):
+            t = int(ours(torch.tensor([ids]))[0, -1].argmax())
+            mine.append(t)
+            ids.append(t)
+        ref = ours(torch.tensor([prompt + got["tokens"]]))[0].numpy()  # every position llama.cpp saw
+    assert got["tokens"] == mine, f"{kind}: greedy tokens differ"
+    assert theirs.shape == ref.shape
+    err = np.abs(theirs - ref).max()
+    assert err < 5e-2, f"{kind}: llama.cpp and dhad logits differ by {err}"
+    assert np.abs(ref).max() > 1.0  # logits of a real spread, not all ~0 (which would agree trivially)
+
+
+def test_llamacpp_tokenizes_like_dhad(case):
+    kind, d, tok, root = case
+    f16 = root / "f16.gguf"
+    if not f16.exists():
+        export_model_dir(d, f16, "f16")
+    # dhad's own tiny BPE regex differs from GPT-2's (the export warns); plain English splits the same
+    texts = ["Hello world, how are you?", "the small test of the tokenizer"]
+    if kind == "llama":
+        texts += ["مرحبا بالعالم", "Numbers 12345 and\nmore", "<s> x </s>"]
+    got = llamacpp(mode="tokenize", model=str(f16), texts=texts)["ids"]
+    assert got == [tok.encode(t, add_special_tokens=True) for t in texts]
+
+
+CONVERT = """
+import runpy, sys
+src = sys.argv[1]
+sys.path[:0] = [src, src + "/gguf-py"]
+import conversion.base as base
+# llama.cpp names a BPE pre-tokenizer by hashing the encoding of a test text; a tiny test tokenizer's hash is
+# not in its table (it would refuse). Only the vocabulary metadata depends on it, not the tensors compared.
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = [src + "/convert_hf_to_gguf.py"] + sys.argv[2:]
+runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def test_q8_0_tensors_byte_equal_to_convert_hf_to_gguf(case):
+    kind, d, tok, root = case
+    ref = root / "ref-q8_0.gguf"
+    r = subprocess.run([sys.executable, "-c", CONVERT, SRC, str(d), "--outtype", "q8_0", "--outfile", str(ref)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = export_model_dir(d, root / "q8_0.gguf", "q8_0")
+    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(ref)).tensors}
+    assert set(a) == set(b)
+    n_q8 = 0
+    for n, t in b.items():
+        assert a[n].tensor_type == t.tensor_type, n
+        assert a[n].data.tobytes() == t.data.tobytes(), n
+        n_q8 += t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert n_q8 >= 2 + 2 * (4 if kind == "llama" else 3)  # the matrices really are Q8_0 in both
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(str(ref)).fields.items()}
+    mine = {k: f.contents() for k, f in gguf.GGUFReader(str(ours)).fields.items()}
+    for k in meta:  # every model hyper-parameter convert_hf_to_gguf.py writes, dhad writes the same
+        if k.startswith(kind + "."):
+            assert mine.get(k) == pytest.approx(meta[k]), k
