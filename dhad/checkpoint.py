@@ -267,7 +267,7 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
     model_dir = resolve_model_dir(path, download=download)
     if model_dir.is_file():  # a GGUF file (llama.cpp / Ollama), dequantised
         from dhad.gguf import load_gguf
-        return load_gguf(model_dir, dtype=dtype, device=device)
+        return load_gguf(model_dir).to(device=device, dtype=to_dtype(dtype))
     config = load_config(model_dir)
     dt = to_dtype(dtype)
     with torch.device("meta"):

@@ -258,18 +258,6 @@ def _export_k_quant(model, tokenizer, out: Path, name) -> Path:
     return out
 
 
-def export_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, type: str = "f16") -> Path:
-    """`dhad export gguf`: a dhad / Hugging Face model directory (or a GGUF file) -> a GGUF file."""
-    from dhad.checkpoint import load_model
-    from dhad.tokenizer import load_tokenizer
-
-    if type not in TYPES:
-        raise GGUFError(f"unknown GGUF type {type!r}; use one of {list(TYPES)}")
-    model = load_model(model_dir, dtype="float32")
-    arch_of(model.config)  # refuse before reading the tokenizer
-    return export_gguf(model, load_tokenizer(model_dir), out, type, name=Path(model_dir).name)
-
-
 # ---------------------------------------------------------------------------------------------
 # Import
 
@@ -340,11 +328,10 @@ def gguf_config(meta: dict, shapes: dict[str, tuple]) -> Config:
 
 
 @torch.no_grad()
-def load_gguf(path: str | os.PathLike, dtype="float32", device="cpu") -> Transformer:
+def load_gguf(path: str | os.PathLike) -> Transformer:
     """A GGUF file (llama or jais architecture, any type `gguf.quants` dequantises: F32, F16, BF16, Q8_0,
-    Q4_0, Q4_K, Q6_K, ...) as a dhad Transformer in `dtype` (eval mode)."""
-    from dhad.checkpoint import to_dtype
-
+    Q4_0, Q4_K, Q6_K, ...) as a float32 dhad Transformer on the CPU, eval mode (`dhad.load_model(file)`
+    calls this, then casts to the dtype and device asked for)."""
     gguf = _gguf()
     reader = _reader(path)
     meta = {k: f.contents() for k, f in reader.fields.items()  # not the (long) vocabulary: the tokenizer reads it
@@ -390,8 +377,7 @@ def load_gguf(path: str | os.PathLike, dtype="float32", device="cpu") -> Transfo
     for n, t in sd.items():
         if tuple(t.shape) != expected.get(n):
             raise GGUFError(f"{path}: tensor for {n} has shape {tuple(t.shape)}, the metadata implies {expected.get(n)}")
-    dt = to_dtype(dtype)
-    model.load_state_dict({n: t.to(device=device, dtype=dt) for n, t in sd.items()}, strict=True, assign=True)
+    model.load_state_dict(sd, strict=True, assign=True)
     if c.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     model.reset_buffers()

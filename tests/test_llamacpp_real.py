@@ -33,9 +33,9 @@ if not (PY and SRC):
 
 gguf = pytest.importorskip("gguf")
 
-from dhad.checkpoint import save_model  # noqa: E402
+from dhad.checkpoint import load_model, save_model  # noqa: E402
 from dhad.config import Config  # noqa: E402
-from dhad.gguf import export_model_dir, load_gguf  # noqa: E402
+from dhad.gguf import export_gguf, load_gguf  # noqa: E402
 from dhad.model import Transformer  # noqa: E402
 from dhad.tokenizer import load_tokenizer, train_bpe  # noqa: E402
 
@@ -52,6 +52,11 @@ def llamacpp(**args) -> dict:
     r = subprocess.run([PY, str(RUNNER), json.dumps(args)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"llama.cpp runner failed:\n{r.stderr[-3000:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def export_model_dir(d: Path, out: Path, type_: str) -> Path:
+    """What `dhad export gguf --model d --out out --type type_` writes."""
+    return export_gguf(load_model(d), load_tokenizer(d), out, type_)
 
 
 def build(kind: str, root: Path, fixtures_dir: Path) -> tuple[Path, object]:

@@ -17,12 +17,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from dhad.checkpoint import CheckpointError
-    from dhad.cli import CLIError
-    from dhad.gguf import export_model_dir
+    from pathlib import Path
 
+    from dhad.checkpoint import CheckpointError, load_model
+    from dhad.cli import CLIError
+    from dhad.gguf import TYPES, arch_of, export_gguf
+    from dhad.tokenizer import load_tokenizer
+
+    if args.type not in TYPES:
+        raise CLIError(f"unknown GGUF type {args.type!r}; use one of {list(TYPES)}")
     try:
-        out = export_model_dir(args.model, args.out, args.type)
+        model = load_model(args.model, dtype="float32")
+        arch_of(model.config)  # refuse an unsupported model before reading its tokenizer
+        out = export_gguf(model, load_tokenizer(args.model), args.out, args.type, name=Path(args.model).stem)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         raise CLIError(str(e)) from None
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.type})")

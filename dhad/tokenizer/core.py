@@ -544,9 +544,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             raise TokenizerError(f"no tokenizer in {d}: expected tokenizer.json or tokenizer.model")
     else:
         f, d = p, p.parent
-        if f.suffix.lower() == ".gguf":  # llama.cpp / Ollama: the tokenizer is in the file's metadata
-            from dhad.tokenizer.gguf_vocab import load_gguf_tokenizer
-            return load_gguf_tokenizer(f)
     config: dict = {}
     cfg_file = d / "tokenizer_config.json"
     if cfg_file.is_file():
