@@ -26,8 +26,9 @@ Design choices (nanochat `engine.py` / gpt-fast):
 - One `KVCache` of ``max_batch_size`` rows lives for the engine's life. Running sequences always
   occupy rows 0..n-1: a decode step runs the model on views of those rows (no copies); requests
   waiting for a row are prefilled straight into rows n.. between decode steps, several in one
-  left-padded forward when padding is harmless (not for ALiBi, which measures distances in cache
-  slots: there only equal-length prompts share a prefill); a finished row is filled by moving the
+  left-padded forward (the model measures ALiBi distances between positions, so padding changes
+  nothing -- except under ALiBi `train_seq_len` scaling, whose key length counts slots: there only
+  equal-length prompts share a prefill); a finished row is filled by moving the
   last running row into it (`KVCache.copy_row`) so the batch stays dense.
 - Per-row sampling parameters and a per-request `torch.Generator` (`Sampler`): a seeded request
   samples the same tokens whether it runs alone or beside others (up to float rounding of a
@@ -108,7 +109,7 @@ class Engine(EngineFrontend):
                 return self
             if self._closing:
                 raise EngineClosed("engine was shut down")
-            from dhad.model import KVCache
+            from dhad.kv_cache import KVCache
             self._cache = KVCache.empty(self.config, self.max_batch_size, self.max_seq_len,
                                         dtype=self.model.dtype, device=self.device)
             self._sampler = Sampler(self.max_batch_size, self.config.vocab_size, self.device)
@@ -223,16 +224,17 @@ class Engine(EngineFrontend):
         """Requests that can share one left-padded prefill.
 
         Padding takes cache slots, so a request joins a group only if the group's padded length
-        still leaves room for its whole answer. ALiBi measures distances in cache slots (as the
-        reference Jais code does), so there padding would change the answer: only equal lengths
-        share a prefill.
+        still leaves room for its whole answer. ALiBi distances are measured between positions, so
+        left padding changes nothing, except that `alibi_scaling.train_seq_len` divides the slopes by
+        the key length in slots: under it only equal lengths share a prefill.
         """
+        slot_sensitive = bool((self.config.alibi_scaling or {}).get("train_seq_len")) and self.config.position == "alibi"
         groups: list[list[RequestHandle]] = []
         for h in handles:
             n = len(h.prompt_ids)
             for g in groups:
                 T = max(n, max(len(x.prompt_ids) for x in g))
-                if self.config.position == "alibi" and n != len(g[0].prompt_ids):
+                if slot_sensitive and n != len(g[0].prompt_ids):
                     continue
                 if T * (len(g) + 1) > self.max_prefill_tokens:
                     continue
