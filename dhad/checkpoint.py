@@ -210,11 +210,20 @@ class _TensorSource:
         self._handles.clear()
 
 
+def is_gguf_file(path) -> bool:
+    """A file that starts with GGUF's magic (any name: Ollama stores its models as sha256-... blobs)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def resolve_model_dir(path: str | os.PathLike, download: bool = False) -> Path:
     """A local model directory; with download=True a Hugging Face repo id is fetched (safetensors and
     JSON/tokenizer files only, never pickles) on a networked machine."""
     p = Path(path)
-    if p.is_dir() or (p.is_file() and p.suffix.lower() == ".gguf"):  # a GGUF file is a whole model
+    if p.is_dir() or is_gguf_file(p) or (p.is_file() and p.suffix.lower() == ".gguf"):  # a GGUF file is a model
         return p
     if not download:
         raise FileNotFoundError(

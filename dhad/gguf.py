@@ -51,15 +51,6 @@ class GGUFError(ValueError):
     """A model, tokenizer or file that cannot be written to / read from GGUF as asked: names the problem."""
 
 
-def is_gguf(path) -> bool:
-    """A path that names a GGUF file (by its magic bytes, or by the .gguf suffix when it does not exist)."""
-    p = Path(path)
-    if p.is_file():
-        with open(p, "rb") as f:
-            return f.read(4) == b"GGUF"
-    return p.suffix.lower() == ".gguf"
-
-
 def _gguf():
     try:
         import gguf

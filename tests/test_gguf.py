@@ -355,3 +355,15 @@ def test_bad_gguf_files(tmp_path, capsys):
     w.close()
     with pytest.raises(GGUFError, match="architecture 'gpt2' is not supported"):
         load_gguf(tmp_path / "gpt2.gguf")
+
+
+def test_an_ollama_blob_without_a_suffix_loads(tmp_path, exported, spm_tok):
+    """Ollama keeps models as ~/.ollama/models/blobs/sha256-<hex>: recognised by GGUF's magic bytes."""
+    import shutil
+    m, tok, path = exported("llama", "q8_0")
+    blob = tmp_path / "sha256-0123abcd"
+    shutil.copyfile(path, blob)
+    back = dhad.load_model(blob, dtype="bfloat16")
+    assert back.dtype == torch.bfloat16
+    assert dhad.load_tokenizer(blob).encode("Hello world", add_special_tokens=True) == \
+        tok.encode("Hello world", add_special_tokens=True)

@@ -52,7 +52,10 @@ def load_tokenizer(path) -> Tokenizer:
     (`dhad.tokenizer.core.load_tokenizer`), or a GGUF file's metadata (`dhad.tokenizer.gguf_vocab`)."""
     from pathlib import Path
     p = Path(path)
-    if p.suffix.lower() == ".gguf" and p.is_file():
-        from dhad.tokenizer.gguf_vocab import load_gguf_tokenizer
-        return load_gguf_tokenizer(p)
+    if p.is_file() and p.suffix not in (".json", ".model"):
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF" or p.suffix.lower() == ".gguf":  # any name: Ollama's blobs are sha256-...
+            from dhad.tokenizer.gguf_vocab import load_gguf_tokenizer
+            return load_gguf_tokenizer(p)
     return _load_tokenizer_files(path)
