@@ -230,21 +230,33 @@ def export_gguf(model: Transformer, tokenizer, out: str | os.PathLike, type: str
     return out
 
 
+_QUANTIZE = """
+import ctypes, sys
+import llama_cpp as l
+p = l.llama_model_quantize_default_params()
+p.ftype = l.LLAMA_FTYPE_MOSTLY_Q4_K_M
+sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+"""
+
+
 def _export_k_quant(model, tokenizer, out: Path, name) -> Path:
-    """q4_k_m: the `gguf` package has no k-quant quantiser, so write f16 and requantise with llama.cpp's."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise GGUFError("--type q4_k_m needs llama.cpp's quantiser: install llama-cpp-python, or export --type f16 "
-                        "and run llama.cpp's `llama-quantize MODEL-f16.gguf MODEL-q4_k_m.gguf Q4_K_M`") from None
+    """q4_k_m: the `gguf` package has no k-quant quantiser, so write f16 and requantise with llama.cpp's own
+    (`llama_cpp` in this Python, or the Python named by $DHAD_LLAMACPP_PYTHON, e.g. .venv-llamacpp's)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    py = sys.executable if importlib.util.find_spec("llama_cpp") else os.environ.get("DHAD_LLAMACPP_PYTHON")
+    if not py:
+        raise GGUFError("--type q4_k_m needs llama.cpp's quantiser: install llama-cpp-python (or point "
+                        "DHAD_LLAMACPP_PYTHON at a Python that has it), or export --type f16 and run llama.cpp's "
+                        "`llama-quantize MODEL-f16.gguf MODEL-q4_k_m.gguf Q4_K_M`")
     with tempfile.TemporaryDirectory(dir=out.parent) as d:
         f16 = export_gguf(model, tokenizer, Path(d) / "f16.gguf", "f16", name)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
         tmp = out.with_name(out.name + ".tmp")
-        rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise GGUFError(f"llama.cpp's quantiser failed (status {rc}) on {f16}")
+        r = subprocess.run([py, "-c", _QUANTIZE, str(f16), str(tmp)], capture_output=True, text=True)
+        if r.returncode != 0 or not tmp.exists():
+            raise GGUFError(f"llama.cpp's quantiser failed (status {r.returncode}): {r.stderr.strip()[-500:]}")
         os.replace(tmp, out)
     return out
 

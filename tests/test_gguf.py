@@ -336,8 +336,10 @@ def test_bad_type_and_unsupported_models(tmp_path, bpe_tok, capsys):
 
 
 def test_q4_k_m_without_llama_cpp_says_what_to_do(tmp_path, bpe_tok, monkeypatch):
-    import sys
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # not importable
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
+    monkeypatch.delenv("DHAD_LLAMACPP_PYTHON", raising=False)
     with pytest.raises(GGUFError, match="llama-quantize"):
         export_gguf(model(jais_config()), bpe_tok, tmp_path / "m.gguf", "q4_k_m")
 
