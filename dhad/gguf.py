@@ -31,7 +31,6 @@ must be installed: `gguf` has no k-quant quantiser). 1-D tensors (norms, biases)
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import warnings
@@ -330,18 +329,32 @@ def gguf_config(meta: dict, shapes: dict[str, tuple]) -> Config:
     return Config(**kw)
 
 
+def _open(path):
+    """(Config, {name: ReaderTensor}, {name: shape in torch order}) of a GGUF file."""
+    reader = _reader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items()  # not the (long) vocabulary: the tokenizer reads it
+            if not k.startswith(("tokenizer.", "dhad.")) or k.endswith("_token_id") or k == "general.file_type"}
+    raw = {t.name: t for t in reader.tensors}
+    shapes = {n: tuple(int(x) for x in reversed(t.shape.tolist())) for n, t in raw.items()}
+    return gguf_config(meta, shapes), raw, shapes
+
+
+def read_config(path: str | os.PathLike) -> tuple[Config, dict[str, int]]:
+    """A GGUF file's dhad Config, and how many tensors it stores in each GGML type (e.g. {"Q8_0": 15, "F32": 5})."""
+    c, raw, _ = _open(path)
+    counts: dict[str, int] = {}
+    for t in raw.values():
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return c, counts
+
+
 @torch.no_grad()
 def load_gguf(path: str | os.PathLike) -> Transformer:
     """A GGUF file (llama or jais architecture, any type `gguf.quants` dequantises: F32, F16, BF16, Q8_0,
     Q4_0, Q4_K, Q6_K, ...) as a float32 dhad Transformer on the CPU, eval mode (`dhad.load_model(file)`
     calls this, then casts to the dtype and device asked for)."""
     gguf = _gguf()
-    reader = _reader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items()  # not the (long) vocabulary: the tokenizer reads it
-            if not k.startswith(("tokenizer.", "dhad.")) or k.endswith("_token_id")}
-    raw = {t.name: t for t in reader.tensors}
-    shapes = {n: tuple(int(x) for x in reversed(t.shape.tolist())) for n, t in raw.items()}
-    c = gguf_config(meta, shapes)
+    c, raw, shapes = _open(path)
 
     def get(name) -> torch.Tensor:
         t = raw.get(name)

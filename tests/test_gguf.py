@@ -4,7 +4,7 @@ metadata keys and tensor names llama.cpp's `llama` / `jais` loaders read, and ba
 Against llama.cpp itself: tests/test_llamacpp_real.py (scripts/test-llamacpp.sh)."""
 from __future__ import annotations
 
-import warnings
+import json
 
 import numpy as np
 import pytest
@@ -310,6 +310,9 @@ def test_export_command_and_generate_from_gguf(tmp_path, bpe_tok, capsys):
     from dhad.generate import generate_text
     want = generate_text(load_gguf(out), bpe_tok, "Hello world", max_new_tokens=5)
     assert want in capsys.readouterr().out
+    assert main(["info", "--model", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "jais" and info["n_layer"] == 2 and "Q8_0 x" in info["stored_dtype"]
     # a GGUF file is accepted wherever a model is (here: exported again from GGUF)
     assert main(["export", "gguf", "--model", str(out), "--out", str(tmp_path / "k.gguf")]) == 0
 
