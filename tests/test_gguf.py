@@ -276,7 +276,8 @@ def test_real_llama2_tokenizer_rebuilt_from_llama_cpp_keys(tmp_path, fixtures_di
     meta = _meta_of(tok, tmp_path)
     assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_bos_token"] is True
     rebuilt = tokenizer_from_gguf(meta, exact=False)
-    for p in PROMPTS[:2] + ["<s> x </s>", "The quick brown fox"]:
+    # runs of spaces: the scores written for a tokenizer.json (merge ranks) must keep "▁▁" after "▁c"
+    for p in PROMPTS + ["<s> x </s>", "The quick brown fox", "b  c", "x    y", "hello\n\nworld"]:
         ids = tok.encode(p, add_special_tokens=True)
         assert rebuilt.encode(p, add_special_tokens=True) == ids, p
         assert rebuilt.decode(ids) == tok.decode(ids)

@@ -131,7 +131,7 @@ def test_llamacpp_tokenizes_like_dhad(case):
     if kind == "llama":
         # (not text right after a special token written in the text, e.g. "<s> x": llama.cpp puts a space
         # prefix on that fragment too, transformers' legacy Llama tokenizer -- and dhad -- do not: [▁▁, x] vs [▁x])
-        texts += ["مرحبا بالعالم", "Numbers 12345 and\nmore", "<s>x </s>"]
+        texts += ["مرحبا بالعالم", "Numbers 12345 and\nmore", "<s>x </s>", "b  c", "x    y  z", "hello\n\nworld"]
     got = llamacpp(mode="tokenize", model=str(f16), texts=texts)["ids"]
     assert got == [tok.encode(t, add_special_tokens=True) for t in texts]
 

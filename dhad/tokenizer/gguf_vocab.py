@@ -91,15 +91,25 @@ def write_tokenizer(w, tok: Tokenizer, vocab_size: int, arch: str) -> None:
         w.add_token_merges(merges)
     else:
         unk = tok.unk_token_id
-        scores = []
         sp = tok.sp_model
+        # llama.cpp merges the adjacent pair whose result has the highest score. A tokenizer.json has merges, not
+        # scores: a piece made by merge number r scores -r (its rank), any other piece after all of them, by id
+        rank: dict[str, int] = {}
+        for r, m in enumerate(model.get("merges") or []):
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            rank.setdefault(a + b, r)
+        scores = []
         for i, t in enumerate(tokens):
             if types[i] == NORMAL and _is_byte_piece(t):
                 types[i] = BYTE
             if unk is not None and i == unk:
                 types[i] = UNKNOWN
-            scores.append(float(sp.get_score(i)) if sp is not None and i < sp.get_piece_size()
-                          else (-float(i) if types[i] == NORMAL else 0.0))
+            if sp is not None and i < sp.get_piece_size():
+                scores.append(float(sp.get_score(i)))
+            elif types[i] == NORMAL:
+                scores.append(-float(rank.get(t, len(rank) + i)))
+            else:
+                scores.append(0.0)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
