@@ -193,3 +193,24 @@ def test_llamacpp_runs_the_quantised_exports_as_dhad_dequantises_them(case, qtyp
         ref = load_gguf(f)(torch.tensor([prompt + got["tokens"]]))[0].numpy()
     assert np.abs(theirs - ref).max() < 0.5
     assert (theirs.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
+
+
+def test_dhad_loads_convert_hf_to_gguf_output(case):
+    """A GGUF made by llama.cpp's own converter (what Ollama's library holds): dhad loads it, rebuilds its
+    tokenizer from llama.cpp's keys (no dhad copy inside), and computes what the original model computes."""
+    kind, d, tok, root = case
+    ref = root / "ref-q8_0.gguf"
+    if not ref.exists():
+        pytest.skip("made by test_q8_0_tensors_byte_equal_to_convert_hf_to_gguf")
+    from dhad.gguf import read_metadata
+    assert "tokenizer.huggingface.json" not in read_metadata(ref)
+    other = load_tokenizer(ref)
+    text = "Hello world, how are you?"
+    assert other.encode(text, add_special_tokens=True) == tok.encode(text, add_special_tokens=True)
+    ids = torch.tensor([tok.encode(text, add_special_tokens=True)])
+    with torch.no_grad():
+        got, ours, want = (load_model(f)(ids)[0] for f in (ref, root / "q8_0.gguf", d))
+    if kind == "jais-sqrt":  # convert_hf_to_gguf.py dropped the 1/sqrt(d) scale: a different model
+        assert (got - want).abs().max() > 0.3 and (ours - want).abs().max() < 0.3
+    else:  # the same bytes read the same way; q8_0 rounding away from the original
+        assert torch.equal(got, ours) and (got - want).abs().max() < 0.3
