@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (a runtime dependency: missing is a failure, not a skip)
 
 import dhad  # noqa: E402
 from dhad.checkpoint import save_model  # noqa: E402

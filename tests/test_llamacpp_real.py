@@ -33,7 +33,7 @@ if not (PY and SRC):
                            "run scripts/test-llamacpp.sh")
     pytest.skip("llama.cpp not built (scripts/test-llamacpp.sh builds it)", allow_module_level=True)
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (a runtime dependency: missing is a failure, not a skip)
 
 from dhad.checkpoint import load_model, save_model  # noqa: E402
 from dhad.config import Config  # noqa: E402
