@@ -176,11 +176,12 @@ def export_gguf(model: Transformer, tokenizer, out: str | os.PathLike, type: str
     if type not in TYPES:
         raise GGUFError(f"unknown GGUF type {type!r}; use one of {list(TYPES)}")
     c = model.config
-    arch, tensors = gguf_tensors(model)
+    arch_of(c)  # refuse an unsupported model before writing anything
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if type == "q4_k_m":
         return _export_k_quant(model, tokenizer, out, name)
+    arch, tensors = gguf_tensors(model)
     tmp = out.with_name(out.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), arch)
     try:
