@@ -271,12 +271,19 @@ def _read_tensors(model_dir: Path, config, expected: dict[str, tuple]) -> Iterat
         src.close()
 
 
-def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download: bool = False) -> Transformer:
-    """Load a Jais- or Llama-layout HF model directory into a dhad Transformer (eval mode)."""
+def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download: bool = False,
+               adapter: str | os.PathLike | None = None) -> Transformer:
+    """Load a Jais- or Llama-layout HF model directory into a dhad Transformer (eval mode).
+    adapter: a LoRA adapter directory in PEFT's format (dhad- or PEFT-trained), applied unmerged
+    (`dhad.lora.load_adapter`; `dhad.lora.merge_lora` folds it in)."""
     model_dir = resolve_model_dir(path, download=download)
-    if model_dir.is_file():  # a GGUF file (llama.cpp / Ollama), dequantised
+    if model_dir.is_file():  # a GGUF file (llama.cpp / Ollama), dequantised by dhad.gguf
         from dhad.gguf import load_gguf
-        return load_gguf(model_dir).to(device=device, dtype=to_dtype(dtype))
+        model = load_gguf(model_dir).to(device=device, dtype=to_dtype(dtype))
+        if adapter is not None:
+            from dhad.lora import load_adapter
+            load_adapter(model, adapter)
+        return model.eval()
     config = load_config(model_dir)
     dt = to_dtype(dtype)
     with torch.device("meta"):
@@ -290,6 +297,9 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
         model.lm_head.weight = model.wte.weight
     model.reset_buffers()  # the non-persistent buffers are still on the meta device
     _check_tokenizer_ids(model_dir, config)
+    if adapter is not None:
+        from dhad.lora import load_adapter
+        load_adapter(model, adapter)
     return model.eval()
 
 
@@ -405,6 +415,27 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, d
                 if (src / f).exists() and (src / f).resolve() != (out / f).resolve():
                     shutil.copyfile(src / f, out / f)
     return out
+
+
+def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out_dir: str | os.PathLike, dtype=None,
+                  max_shard_size: int | str | None = None) -> Path:
+    """Fold a LoRA adapter (PEFT's format) into its base and write the merged model as a Hugging Face
+    model directory (the base's tokenizer files and generation config carried over); returns it."""
+    from dhad.lora import merge_lora
+    base_dir = resolve_model_dir(base)
+    model = merge_lora(load_model(base_dir, adapter=adapter))
+    tok = base_dir if any((base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else None
+    gen = None
+    if (base_dir / "generation_config.json").is_file():
+        try:
+            gen = json.loads((base_dir / "generation_config.json").read_text(encoding="utf-8"))
+        except ValueError:
+            gen = None
+    src_dtype = json.loads((base_dir / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+    if dtype is None and src_dtype in DTYPES:
+        dtype = src_dtype
+    return save_model(model, out_dir, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size,
+                      generation_config=gen if isinstance(gen, dict) else None)
 
 
 def _parse_size(s) -> int:
