@@ -373,3 +373,21 @@ def test_an_ollama_blob_without_a_suffix_loads(tmp_path, exported, spm_tok):
     assert back.dtype == torch.bfloat16
     assert dhad.load_tokenizer(blob).encode("Hello world", add_special_tokens=True) == \
         tok.encode("Hello world", add_special_tokens=True)
+
+
+def test_a_lora_adapter_applies_to_a_gguf_model(tmp_path, exported):
+    from dhad.lora import LoraConfig, apply_lora, lora_layers, save_adapter
+    _, tok, path = exported("llama", "f16")
+    adapted = apply_lora(dhad.load_model(path), LoraConfig(r=2, targets=("q", "down")))
+    with torch.no_grad():
+        for layer in lora_layers(adapted).values():
+            for p in layer.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.5)
+    save_adapter(adapted, tmp_path / "a")
+    ids = torch.tensor([tok.encode("Hello world", add_special_tokens=True)])
+    with torch.no_grad():
+        want = adapted(ids)
+        back = dhad.load_model(path, adapter=tmp_path / "a")
+        assert (back(ids) - want).abs().max() < 1e-5
+        assert (back(ids) - dhad.load_model(path)(ids)).abs().max() > 1e-3
