@@ -210,11 +210,20 @@ class _TensorSource:
         self._handles.clear()
 
 
+def is_gguf_file(path) -> bool:
+    """A file that starts with GGUF's magic (any name: Ollama stores its models as sha256-... blobs)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def resolve_model_dir(path: str | os.PathLike, download: bool = False) -> Path:
     """A local model directory; with download=True a Hugging Face repo id is fetched (safetensors and
     JSON/tokenizer files only, never pickles) on a networked machine."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() or is_gguf_file(p) or (p.is_file() and p.suffix.lower() == ".gguf"):  # a GGUF file is a model
         return p
     if not download:
         raise FileNotFoundError(
@@ -268,6 +277,13 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
     adapter: a LoRA adapter directory in PEFT's format (dhad- or PEFT-trained), applied unmerged
     (`dhad.lora.load_adapter`; `dhad.lora.merge_lora` folds it in)."""
     model_dir = resolve_model_dir(path, download=download)
+    if model_dir.is_file():  # a GGUF file (llama.cpp / Ollama), dequantised by dhad.gguf
+        from dhad.gguf import load_gguf
+        model = load_gguf(model_dir).to(device=device, dtype=to_dtype(dtype))
+        if adapter is not None:
+            from dhad.lora import load_adapter
+            load_adapter(model, adapter)
+        return model.eval()
     config = load_config(model_dir)
     dt = to_dtype(dtype)
     with torch.device("meta"):
