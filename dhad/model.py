@@ -126,10 +126,9 @@ class Attention(nn.Module):
         if keep is None:
             q, k, v = self.qkv(x).split([nq, nkv, nkv], dim=-1)
             rope_q = rope
-        else:
-            w, b = self.qkv.weight, self.qkv.bias
-            k, v = F.linear(x, w[nq:], b[nq:] if b is not None else None).split([nkv, nkv], dim=-1)
-            q = F.linear(take(x, keep), w[:nq], b[:nq] if b is not None else None)
+        else:  # the projection runs as a module (it may be replaced, e.g. by dhad.quant), q is then taken
+            q, k, v = self.qkv(x).split([nq, nkv, nkv], dim=-1)
+            q = take(q, keep)
             rope_q = tuple(take(t, keep) for t in rope) if rope is not None else None
             if bias is None and is_causal:  # causal over these tokens, for the kept queries
                 bias = (torch.arange(T, device=x.device) <= keep[:, :, None])[:, None]  # [B, 1, n, T]
