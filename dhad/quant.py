@@ -111,14 +111,25 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale)^T + bias, through `torch._weight_int8pack_mm` (CPU and CUDA)."""
+    """y = x @ (q * scale)^T + bias, through `torch._weight_int8pack_mm` (CPU and CUDA).
+
+    The CPU kernel (torch 2.13) returns garbage, or crashes, when the input features are not a multiple
+    of 16 (measured: 24, 40, 100, 172); such a layer keeps zero columns up to one and pads its input
+    with zeros (exact). `state_dict` holds the unpadded [N, K] codes."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("weight", q.to(torch.int8))
+        self.register_buffer("weight", F.pad(q.to(torch.int8), (0, -q.shape[1] % 16)))
         self.register_buffer("scales", scales.to(COMPUTE_DTYPE))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        if self.weight.shape[1] != self.in_features:
+            self._register_state_dict_hook(Int8Linear._unpadded_state)
+
+    @staticmethod
+    def _unpadded_state(module, state, prefix, local_metadata):
+        state[prefix + "weight"] = state[prefix + "weight"][:, :module.in_features].contiguous()
+        return state
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int8Linear:
@@ -126,10 +137,13 @@ class Int8Linear(nn.Module):
         return cls(q, s, lin.bias)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int8(self.weight, self.scales)
+        return dequantize_int8(self.weight[:, :self.in_features], self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(_flat(x), self.weight, self.scales)
+        a = _flat(x)
+        if self.weight.shape[1] != self.in_features:
+            a = F.pad(a, (0, self.weight.shape[1] - self.in_features))
+        y = torch._weight_int8pack_mm(a, self.weight, self.scales)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -146,12 +160,13 @@ class Int4Linear(nn.Module):
     `state_dict` gets the portable `weight` / `scales` / `zeros` described in the module docstring."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, in_features: int | None = None):
         super().__init__()
-        N, K = q.shape
-        self.out_features, self.in_features, self.group_size = N, K, group_size
-        if K % group_size:
-            raise QuantError(f"int4 group size {group_size} does not divide the layer's {K} input features")
+        N, K = q.shape  # K: the input features padded to a multiple of the group size
+        self.out_features, self.in_features, self.group_size = N, in_features or K, group_size
+        if K % group_size or not K - group_size < self.in_features <= K:
+            raise QuantError(f"int4 codes of {K} columns do not hold {self.in_features} input features in "
+                             f"groups of {group_size}")
         if scales.shape != (N, K // group_size) or zeros.shape != scales.shape:
             raise QuantError(f"int4 scales/zeros of shape {tuple(scales.shape)}/{tuple(zeros.shape)} do not fit a "
                              f"[{N}, {K}] weight in groups of {group_size} (expected {(N, K // group_size)})")
@@ -167,11 +182,17 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int) -> Int4Linear:
-        q, s, z = quantize_int4(lin.weight.detach(), group_size)
-        return cls(q.to(lin.weight.device), s, z, group_size, lin.bias)
+        """Input features that are not a multiple of the group size get zero columns up to one (exact:
+        the layer pads its input with zeros) -- Jais' n_inner 6832, 10928, 19114 and 13653 are not."""
+        w = lin.weight.detach()
+        q, s, z = quantize_int4(F.pad(w, (0, -w.shape[1] % group_size)), group_size)
+        return cls(q.to(w.device), s, z, group_size, lin.bias, in_features=w.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = _flat(x)
+        pad = self.scales_and_zeros.shape[0] * self.group_size - self.in_features
+        if pad:
+            a = F.pad(a, (0, pad))
         if a.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(a, self.packed, self.group_size, self.scales_and_zeros)
         else:
@@ -185,7 +206,7 @@ class Int4Linear(nn.Module):
     def codes(self, chunk: int = 1024) -> torch.Tensor:
         """The uint8 codes [N, K] in 0..15, read back through the kernel: x = the identity, scale 1 and
         zero 8 make the kernel return q exactly (small integers are exact in bfloat16)."""
-        K, N = self.in_features, self.packed.shape[0]
+        K, N = self.scales_and_zeros.shape[0] * self.group_size, self.packed.shape[0]
         sz = torch.zeros_like(self.scales_and_zeros)
         sz[..., 0], sz[..., 1] = 1, 8
         mm = torch.ops.aten._weight_int4pack_mm if self.packed.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -194,7 +215,7 @@ class Int4Linear(nn.Module):
             eye = torch.zeros(min(chunk, K - k0), K, dtype=COMPUTE_DTYPE, device=self.packed.device)
             eye[torch.arange(eye.shape[0]), torch.arange(k0, k0 + eye.shape[0])] = 1
             cols.append(mm(eye, self.packed, self.group_size, sz))  # [k, N]
-        return torch.cat(cols).t()[:self.out_features].round().to(torch.uint8)
+        return torch.cat(cols).t()[:self.out_features].round().to(torch.uint8)  # [N, K padded]
 
     def scales(self) -> torch.Tensor:
         return self.scales_and_zeros[..., 0].t()[:self.out_features]
@@ -203,7 +224,7 @@ class Int4Linear(nn.Module):
         return self.scales_and_zeros[..., 1].t()[:self.out_features]
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int4(self.codes(), self.scales(), self.zeros())
+        return dequantize_int4(self.codes(), self.scales(), self.zeros())[:, :self.in_features]
 
     @staticmethod
     def _portable_state(module, state, prefix, local_metadata):
@@ -240,19 +261,12 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def quantize(model: nn.Module, mode: str, group_size: int | None = None) -> nn.Module:
     """Replace the model's linears (see `linear_names`) by quantised ones, in place; returns the model.
-    Raises QuantError for an unknown mode, a group size outside 32/64/128 or one that does not divide a
-    layer's input features (checked for every layer before any is changed)."""
+    Raises QuantError for an unknown mode or a group size outside 32/64/128. A layer whose input features
+    the group size does not divide is padded to whole groups (see `Int4Linear.from_linear`)."""
     group_size = check_scheme(mode, group_size)
     if scheme_of(model) is not None:
         raise QuantError(f"the model is already quantised ({scheme_of(model)}); start from a full-precision one")
     names = linear_names(model)
-    if group_size is not None:
-        bad = sorted({(n, model.get_submodule(n).in_features) for n in names
-                      if model.get_submodule(n).in_features % group_size})
-        if bad:
-            raise QuantError(f"int4 group size {group_size} does not divide the input features of "
-                             f"{', '.join(f'{n} ({k})' for n, k in bad[:4])}{' ...' if len(bad) > 4 else ''}; "
-                             f"choose one of {[g for g in GROUP_SIZES if all(k % g == 0 for _, k in bad)] or 'int8'}")
     for n in names:
         lin = model.get_submodule(n)
         _set(model, n, Int8Linear.from_linear(lin) if mode == "int8" else Int4Linear.from_linear(lin, group_size))
@@ -280,7 +294,8 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], mode:
         except KeyError as e:
             raise QuantError(f"quantised checkpoint lacks {e.args[0]!r} ({mode})") from None
         b = state.pop(n + ".bias", None) if lin.bias is not None else None
-        want = (N, K) if mode == "int8" else (N, K // 2)
+        Kp = K if mode == "int8" else K + (-K % group_size)  # int4: padded to whole groups
+        want = (N, K) if mode == "int8" else (N, Kp // 2)
         wdt = torch.int8 if mode == "int8" else torch.uint8
         if tuple(w.shape) != want or w.dtype != wdt:
             raise QuantError(f"{n}.weight: expected {wdt} {want} for {mode}, got {w.dtype} {tuple(w.shape)}")
@@ -289,8 +304,11 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], mode:
                 raise QuantError(f"{n}.scales: expected shape {(N,)}, got {tuple(s.shape)}")
             layer = Int8Linear(w.to(device), s.to(device), b.to(device) if b is not None else None)
         else:
+            if tuple(s.shape) != (N, Kp // group_size) or tuple(z.shape) != tuple(s.shape):
+                raise QuantError(f"{n}.scales/zeros: expected shape {(N, Kp // group_size)}, got "
+                                 f"{tuple(s.shape)}/{tuple(z.shape)}")
             layer = Int4Linear(unpack_nibbles(w.to(device)), s.to(device), z.to(device), group_size,
-                               b.to(device) if b is not None else None)
+                               b.to(device) if b is not None else None, in_features=K)
         _set(model, n, layer)
     model.quantization = {"mode": mode, "group_size": group_size}
     return model

@@ -111,10 +111,12 @@ class Backend:
 def load_backend(model_dir, *, dtype: str | None = None, device: str = "cpu", engine: str = "native",
                  fmt=None, model_name: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
                  max_new_tokens_limit: int = 4096, max_seq_len: int | None = None,
-                 download: bool = False, engine_args: dict | None = None) -> Backend:
+                 download: bool = False, engine_args: dict | None = None, quantize: str | None = None,
+                 group_size: int | None = None) -> Backend:
     """Load a model directory (``download``: a Hugging Face repo id, fetched) and build (not start) its engine.
     ``dtype`` None: float32 for the native engine, the checkpoint's for vLLM. ``engine_args``: extra
-    `vllm.EngineArgs` (e.g. tensor_parallel_size, gpu_memory_utilization), vLLM only."""
+    `vllm.EngineArgs` (e.g. tensor_parallel_size, gpu_memory_utilization), vLLM only. ``quantize`` /
+    ``group_size``: weight-only quantisation (`dhad.load_model`), native engine only."""
     from dhad.checkpoint import resolve_model_dir
     from dhad.engine import make_engine
     from dhad.tokenizer import load_tokenizer
@@ -127,7 +129,10 @@ def load_backend(model_dir, *, dtype: str | None = None, device: str = "cpu", en
         if engine_args:
             raise ValueError(f"engine arguments {sorted(engine_args)} are for --engine vllm")
         from dhad.checkpoint import load_model
-        eng = make_engine(load_model(d, dtype=dtype or "float32", device=device), tok, "native", **kw)
+        model = load_model(d, dtype=dtype or "float32", device=device, quantize=quantize, group_size=group_size)
+        eng = make_engine(model, tok, "native", **kw)
     else:
+        if quantize is not None or group_size is not None:
+            raise ValueError("quantize= is for the native engine; vLLM takes its own (engine_args quantization=...)")
         eng = make_engine(d, tok, engine, dtype=dtype or "auto", **kw, **(engine_args or {}))
     return Backend.from_engine(eng, fmt=fmt, model_name=model_name or d.resolve().name, model_dir=d)
