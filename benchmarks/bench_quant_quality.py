@@ -27,7 +27,7 @@ import dhad
 from dhad.checkpoint import save_model
 from dhad.config import Config
 from dhad.model import Transformer
-from dhad.quant import quantize
+from dhad.quant import Int4Linear, quantize
 from dhad.utils import data_dir
 
 SCHEMES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
@@ -169,15 +169,16 @@ def main():
         goal = {"int8": 1.0, "int4-g64": 6.0}.get(key)
         print(f"  {key:9s} perplexity {ppl:.3f}  increase {100 * (ppl / base - 1):+.2f} %"
               + (f"  (goal <= {goal:g} %: {'met' if 100 * (ppl / base - 1) <= goal else 'NOT met'})" if goal else ""))
-    for mode, g in (("int8", None), ("int4", 64)):  # the design choice: the LM head quantised or not
+    for head_kind in ("float32", "int4"):  # the design choice: the LM head in int8 (above), float32 or int4
         m = dhad.load_model(model_dir)
         head = m.lm_head
-        quantize(m, mode, g)
-        m.lm_head = head
+        quantize(m, "int4", 64)
+        m.lm_head = head if head_kind == "float32" else Int4Linear.from_linear(head, 64)
         ppl = perplexity(m, ids, 256)
-        key = (mode if g is None else f"int4-g{g}") + " head-fp32"
+        key = f"int4-g64 head-{head_kind}"
         rows[key] = ppl
-        print(f"  {key:9s} perplexity {ppl:.3f}  increase {100 * (ppl / base - 1):+.2f} % (LM head left in float32)")
+        print(f"  {key:9s} perplexity {ppl:.3f}  increase {100 * (ppl / base - 1):+.2f} % "
+              f"(the LM head in {head_kind} instead of int8)")
     result = {"bench": "quant_quality", "model": str(model_dir), "ppl": rows}
     if a.tasks:
         agr = agreement(model_dir, a.tasks, a.limit, root)

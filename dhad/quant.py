@@ -4,9 +4,11 @@
     quantize(model, "int8")                  # per-output-channel symmetric int8
     quantize(model, "int4", group_size=64)   # group-wise asymmetric int4 (groups of 32 / 64 / 128 along K)
 
-Every `nn.Linear` of the blocks (the fused q|k|v and gate|up projections included) and the LM head are
-replaced by `Int8Linear` / `Int4Linear`; embeddings, norms and biases keep the model's dtype. A tied LM
-head becomes its own quantised copy (the embedding table stays, a row per token is all a lookup reads).
+Every `nn.Linear` of the blocks (the fused q|k|v and gate|up projections included) is replaced by an
+`Int8Linear` / `Int4Linear`; the LM head is always int8 (`HEAD_MODE`: in int4 it cost a Jais model 9x the
+perplexity of all its other layers, measured in docs/quantization.md, and the int8 kernel is as fast).
+Embeddings, norms and biases keep the model's dtype; a tied head becomes its own int8 copy (the embedding
+table stays: a lookup reads one row a token).
 
 Kernels (chosen by measurement, docs/quantization.md): PyTorch's weight-only ops, which take bfloat16
 activations -- on CPU `torch._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` (the kernel
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64
+HEAD_MODE = "int8"  # the LM head's mode, whatever the blocks' mode
 COMPUTE_DTYPE = torch.bfloat16  # what the weight-only kernels take as activations, scales and output
 
 
@@ -266,10 +269,10 @@ def quantize(model: nn.Module, mode: str, group_size: int | None = None) -> nn.M
     group_size = check_scheme(mode, group_size)
     if scheme_of(model) is not None:
         raise QuantError(f"the model is already quantised ({scheme_of(model)}); start from a full-precision one")
-    names = linear_names(model)
-    for n in names:
+    for n in linear_names(model):
         lin = model.get_submodule(n)
-        _set(model, n, Int8Linear.from_linear(lin) if mode == "int8" else Int4Linear.from_linear(lin, group_size))
+        int8 = mode == "int8" or (n == "lm_head" and HEAD_MODE == "int8")
+        _set(model, n, Int8Linear.from_linear(lin) if int8 else Int4Linear.from_linear(lin, group_size))
     model.quantization = {"mode": mode, "group_size": group_size}
     return model
 
@@ -285,9 +288,11 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], mode:
     """Put a quantised checkpoint's layers into ``model`` (its linears still plain, possibly on the meta
     device), popping their tensors from ``state``; the rest of ``state`` is left for load_state_dict."""
     group_size = check_scheme(mode, group_size)
+    block_mode = mode
     for n in linear_names(model):
         lin = model.get_submodule(n)
         N, K = lin.out_features, lin.in_features
+        mode = HEAD_MODE if n == "lm_head" else block_mode
         try:
             w, s = state.pop(n + ".weight"), state.pop(n + ".scales")
             z = state.pop(n + ".zeros") if mode == "int4" else None
@@ -310,5 +315,5 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], mode:
             layer = Int4Linear(unpack_nibbles(w.to(device)), s.to(device), z.to(device), group_size,
                                b.to(device) if b is not None else None, in_features=K)
         _set(model, n, layer)
-    model.quantization = {"mode": mode, "group_size": group_size}
+    model.quantization = {"mode": block_mode, "group_size": group_size}
     return model

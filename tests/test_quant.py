@@ -141,6 +141,8 @@ def test_every_linear_is_quantised_and_logits_stay_close(kind, mode, group):
     names = linear_names(m)
     assert {"h.0.attn.qkv", "h.0.attn.proj", "h.0.mlp.fc", "h.0.mlp.proj", "lm_head"} <= set(names)
     assert not any(isinstance(mod, torch.nn.Linear) for mod in m.modules())
+    assert isinstance(m.lm_head, Int8Linear)  # the head is int8 in both modes
+    assert isinstance(m.h[0].mlp.fc, Int8Linear if mode == "int8" else Int4Linear)
     assert m.wte.weight.dtype == torch.float32  # embeddings stay in the model's dtype
     x = torch.randint(0, m.config.vocab_size, (2, 24))
     a, b = ref(x), m(x)
@@ -185,6 +187,7 @@ def test_quantised_checkpoint_round_trip(tmp_path, kind, mode, group):
         w = f.get_tensor("h.0.mlp.fc.weight")
         assert w.dtype == (torch.int8 if mode == "int8" else torch.uint8)
         assert f.get_tensor("lm_head.scales").dtype == torch.bfloat16
+        assert f.get_tensor("lm_head.weight").dtype == torch.int8  # the head is int8 in both modes
     assert (out / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
     back = load_model(out)  # no flag: the config says it is quantised
     assert back.quantization == {"mode": mode, "group_size": group}
