@@ -279,8 +279,11 @@ def quantization_of(model_dir: str | os.PathLike) -> dict | None:
 
 
 def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download: bool = False,
-               quantize: str | None = None, group_size: int | None = None) -> Transformer:
+               adapter: str | os.PathLike | None = None, quantize: str | None = None,
+               group_size: int | None = None) -> Transformer:
     """Load a Jais- or Llama-layout HF model directory into a dhad Transformer (eval mode).
+    adapter: a LoRA adapter directory in PEFT's format (dhad- or PEFT-trained), applied unmerged
+    (`dhad.lora.load_adapter`; `dhad.lora.merge_lora` folds it in).
 
     quantize: "int8" or "int4" (group_size 32 / 64 / 128, default 64) quantises the linears after loading
     (`dhad.quant`). A directory written from a quantised model (config.json `quantization_config`) loads
@@ -291,6 +294,9 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
     stored = quantization_of(model_dir)
     if quantize is not None or group_size is not None:
         group_size = quant.check_scheme(quantize, group_size)
+    if adapter is not None and (quantize is not None or stored is not None):
+        raise quant.QuantError("a LoRA adapter on a quantised model is not supported: merge it into the "
+                               "full-precision model (dhad.lora.merge_lora), then quantise")
     if stored is not None:
         if quantize is not None and (quantize, group_size) != (stored["mode"], stored["group_size"]):
             raise quant.QuantError(f"{model_dir} is already quantised ({stored['mode']}, group size "
@@ -312,6 +318,9 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
     if quantize is not None:
         quant.quantize(model, quantize, group_size)
     _check_tokenizer_ids(model_dir, config)
+    if adapter is not None:
+        from dhad.lora import load_adapter
+        load_adapter(model, adapter)
     return model.eval()
 
 
@@ -470,6 +479,27 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, d
                 if (src / f).exists() and (src / f).resolve() != (out / f).resolve():
                     shutil.copyfile(src / f, out / f)
     return out
+
+
+def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out_dir: str | os.PathLike, dtype=None,
+                  max_shard_size: int | str | None = None) -> Path:
+    """Fold a LoRA adapter (PEFT's format) into its base and write the merged model as a Hugging Face
+    model directory (the base's tokenizer files and generation config carried over); returns it."""
+    from dhad.lora import merge_lora
+    base_dir = resolve_model_dir(base)
+    model = merge_lora(load_model(base_dir, adapter=adapter))
+    tok = base_dir if any((base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else None
+    gen = None
+    if (base_dir / "generation_config.json").is_file():
+        try:
+            gen = json.loads((base_dir / "generation_config.json").read_text(encoding="utf-8"))
+        except ValueError:
+            gen = None
+    src_dtype = json.loads((base_dir / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+    if dtype is None and src_dtype in DTYPES:
+        dtype = src_dtype
+    return save_model(model, out_dir, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size,
+                      generation_config=gen if isinstance(gen, dict) else None)
 
 
 def _parse_size(s) -> int:

@@ -3,9 +3,11 @@
 Interface (what `dhad serve` and `dhad chat` code against):
 
     engine = Engine(model, tokenizer, max_batch_size=8, max_queue=64, max_new_tokens_limit=4096,
-                    max_seq_len=None)        # None: the model's context (config.block_size)
+                    max_seq_len=None,        # None: the model's context (config.block_size)
+                    adapters=None)           # LoRA adapters {name: weights} or a dhad.multi_lora.MultiLoRA
     engine.start()                           # background thread
     h = engine.submit(prompt_ids, params)    # -> RequestHandle; raises QueueFull, RequestError, EngineClosed
+    h = engine.submit(ids, params, adapter="ar-chat")   # through a LoRA adapter (UnknownAdapter if not held)
     for ev in h: ...                         # StreamEvent(text, token_ids, finished, finish_reason, usage)
     async for ev in h: ...                   # same, asyncio-friendly (closing early cancels the request)
     async for ev in engine.stream(prompt_ids, params): ...   # submit + async iterate (cancels on close)
@@ -26,18 +28,22 @@ Design choices (nanochat `engine.py` / gpt-fast):
 - One `KVCache` of ``max_batch_size`` rows lives for the engine's life. Running sequences always
   occupy rows 0..n-1: a decode step runs the model on views of those rows (no copies); requests
   waiting for a row are prefilled straight into rows n.. between decode steps, several in one
-  left-padded forward when padding is harmless (not for ALiBi, which measures distances in cache
-  slots: there only equal-length prompts share a prefill); a finished row is filled by moving the
+  left-padded forward (the model measures ALiBi distances between positions, so padding changes
+  nothing -- except under ALiBi `train_seq_len` scaling, whose key length counts slots: there only
+  equal-length prompts share a prefill); a finished row is filled by moving the
   last running row into it (`KVCache.copy_row`) so the batch stays dense.
 - Per-row sampling parameters and a per-request `torch.Generator` (`Sampler`): a seeded request
   samples the same tokens whether it runs alone or beside others (up to float rounding of a
   batched matmul).
+- LoRA adapters (`dhad.multi_lora`): requests of different adapters and of the base model share
+  one batch -- prefill and decode -- each row carrying its adapter's index; base rows get no delta.
 - Cancellation is cooperative: flags are checked between decode steps, so a cancelled request
   frees its row within one step.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -47,11 +53,11 @@ from dataclasses import dataclass
 import torch
 
 from dhad.engine_api import (Completion, EngineClosed, EngineError, EngineFrontend, QueueFull, RequestError,
-                             RequestHandle, StreamEvent)
+                             RequestHandle, StreamEvent, UnknownAdapter)
 from dhad.generate import SamplingParams, Sampler, StopMatcher, StreamDecoder, eos_ids_of
 
 __all__ = ["Engine", "RequestHandle", "StreamEvent", "Completion", "EngineError", "QueueFull", "RequestError",
-           "EngineClosed", "make_engine"]
+           "UnknownAdapter", "EngineClosed", "make_engine"]
 
 
 @dataclass
@@ -63,6 +69,7 @@ class _Seq:
     matcher: StopMatcher
     last: int = 0                   # last token (input of the next decode step)
     n_gen: int = 0
+    lora: int = -1                  # the row's adapter index in the engine's MultiLoRA (-1: base model)
 
 
 class Engine(EngineFrontend):
@@ -70,7 +77,8 @@ class Engine(EngineFrontend):
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
                  max_new_tokens_limit: int = 4096, max_seq_len: int | None = None,
-                 default_params: SamplingParams | None = None, max_prefill_tokens: int = 8192):
+                 default_params: SamplingParams | None = None, max_prefill_tokens: int = 8192,
+                 adapters=None):
         if max_batch_size < 1 or max_queue < 0 or max_new_tokens_limit < 1:
             raise ValueError("max_batch_size and max_new_tokens_limit must be >= 1, max_queue >= 0")
         self.model = model.eval()
@@ -86,6 +94,15 @@ class Engine(EngineFrontend):
         if (self.default_params.max_new_tokens or 0) > max_new_tokens_limit:  # a default never exceeds the limit
             self.default_params = dataclasses.replace(self.default_params, max_new_tokens=max_new_tokens_limit)
         self.device = model.device
+        # LoRA adapters, batched per row (dhad.multi_lora): a MultiLoRA over this model, or
+        # {name: {(layer, target): (A, B, scale)}} to build one
+        self.lora = None
+        if adapters:
+            from dhad.multi_lora import MultiLoRA
+            self.lora = adapters if isinstance(adapters, MultiLoRA) else MultiLoRA(model, adapters)
+            if self.lora.model is not model:
+                raise ValueError("the MultiLoRA was built over another model")
+            self.adapter_names = tuple(self.lora.names)
         self._special = set(getattr(tokenizer, "special_ids", ()) or ()) if tokenizer is not None else set()
         self._cv = threading.Condition()
         self._pending: collections.deque[RequestHandle] = collections.deque()
@@ -108,7 +125,7 @@ class Engine(EngineFrontend):
                 return self
             if self._closing:
                 raise EngineClosed("engine was shut down")
-            from dhad.model import KVCache
+            from dhad.kv_cache import KVCache
             self._cache = KVCache.empty(self.config, self.max_batch_size, self.max_seq_len,
                                         dtype=self.model.dtype, device=self.device)
             self._sampler = Sampler(self.max_batch_size, self.config.vocab_size, self.device)
@@ -118,11 +135,13 @@ class Engine(EngineFrontend):
         return self
 
     def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None,
-               **kwargs) -> RequestHandle:
-        """Queue a request (thread-safe). ``prompt_ids``: token ids (a str is encoded with the tokenizer)."""
+               adapter: str | None = None, **kwargs) -> RequestHandle:
+        """Queue a request (thread-safe). ``prompt_ids``: token ids (a str is encoded with the tokenizer).
+        ``adapter``: the name of a LoRA adapter the engine holds (None: the base model)."""
+        adapter = self._check_adapter(adapter)
         prompt_ids, params = self._prepare(prompt_ids, params, kwargs)
         rid = request_id or f"req-{next(self._ids)}"
-        h = RequestHandle(rid, prompt_ids, params, self)
+        h = RequestHandle(rid, prompt_ids, params, self, adapter)
         with self._cv:
             if self._closing:
                 raise self._closed_error()
@@ -156,6 +175,7 @@ class Engine(EngineFrontend):
                 "active": len(self._rows), "queued": len(self._pending),
                 "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
                 "max_new_tokens_limit": self.max_new_tokens_limit, "max_seq_len": self.max_seq_len,
+                "adapters": list(self.adapter_names),
                 "submitted": self._counters["submitted"], "completed": self._counters["completed"],
                 "cancelled": self._counters["cancelled"], "rejected": self._counters["rejected"],
                 "errors": self._counters["errors"], "generated_tokens": self._counters["tokens"],
@@ -223,16 +243,17 @@ class Engine(EngineFrontend):
         """Requests that can share one left-padded prefill.
 
         Padding takes cache slots, so a request joins a group only if the group's padded length
-        still leaves room for its whole answer. ALiBi measures distances in cache slots (as the
-        reference Jais code does), so there padding would change the answer: only equal lengths
-        share a prefill.
+        still leaves room for its whole answer. ALiBi distances are measured between positions, so
+        left padding changes nothing, except that `alibi_scaling.train_seq_len` divides the slopes by
+        the key length in slots: under it only equal lengths share a prefill.
         """
+        slot_sensitive = bool((self.config.alibi_scaling or {}).get("train_seq_len")) and self.config.position == "alibi"
         groups: list[list[RequestHandle]] = []
         for h in handles:
             n = len(h.prompt_ids)
             for g in groups:
                 T = max(n, max(len(x.prompt_ids) for x in g))
-                if self.config.position == "alibi" and n != len(g[0].prompt_ids):
+                if slot_sensitive and n != len(g[0].prompt_ids):
                     continue
                 if T * (len(g) + 1) > self.max_prefill_tokens:
                     continue
@@ -253,6 +274,8 @@ class Engine(EngineFrontend):
             seq = _Seq(h, self._limit(len(h.prompt_ids), params), stop_ids,
                        StreamDecoder(self.tokenizer, skip_ids=self._special) if self.tokenizer is not None else None,
                        StopMatcher(params.stop_strings))
+            if self.lora is not None and h.adapter is not None:
+                seq.lora = self.lora.index[h.adapter]
             if seq.limit == 0:
                 self._finish_unstarted(h, "length")
             else:
@@ -271,7 +294,8 @@ class Engine(EngineFrontend):
         self._cache.reset_rows(list(range(r0, r0 + m)))
         for i, s in enumerate(seqs):
             self._sampler.set_row(r0 + i, s.handle.params, s.handle.prompt_ids, s.stop_ids)
-        logits = self.model(ids, attention_mask=mask, cache=self._cache.rows(r0, r0 + m), keep=1)[:, -1]
+        with self._adapters(seqs):
+            logits = self.model(ids, attention_mask=mask, cache=self._cache.rows(r0, r0 + m), keep=1)[:, -1]
         self._counters["prefill_tokens"] += sum(len(s.handle.prompt_ids) for s in seqs)
         rows = torch.arange(r0, r0 + m, device=self.device)
         toks = self._sampler(logits, rows)
@@ -294,7 +318,8 @@ class Engine(EngineFrontend):
             return
         ids = torch.tensor([[s.last] for s in self._rows], dtype=torch.long, device=self.device)
         try:
-            logits = self.model(ids, cache=self._cache.rows(0, n), keep=1)[:, -1]
+            with self._adapters(self._rows):
+                logits = self.model(ids, cache=self._cache.rows(0, n), keep=1)[:, -1]
         except Exception as e:  # noqa: BLE001
             self._counters["errors"] += n
             for s in self._rows:
@@ -307,6 +332,12 @@ class Engine(EngineFrontend):
         done = [r for r, t in enumerate(toks.tolist()) if self._advance(r, t)]
         if done:
             self._release(done)
+
+    def _adapters(self, seqs: list[_Seq]):
+        """The forward's per-row adapter indices (a no-op without adapters)."""
+        if self.lora is None:
+            return contextlib.nullcontext()
+        return self.lora.batch([s.lora for s in seqs])
 
     def _advance(self, r: int, tok: int) -> bool:
         """Record token ``tok`` for row r, emit its event; True when the request is finished."""

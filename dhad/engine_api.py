@@ -24,7 +24,7 @@ import torch
 from dhad.generate import SamplingParams
 
 __all__ = ["RequestHandle", "StreamEvent", "Completion", "EngineError", "QueueFull", "RequestError",
-           "EngineClosed", "EngineFrontend"]
+           "UnknownAdapter", "EngineClosed", "EngineFrontend"]
 
 log = logging.getLogger("dhad.engine")
 
@@ -39,6 +39,10 @@ class QueueFull(EngineError):
 
 class RequestError(EngineError, ValueError):
     """The request cannot be served as asked (HTTP 400): the message names the problem."""
+
+
+class UnknownAdapter(RequestError):
+    """The request names a LoRA adapter this engine does not hold (HTTP 404 ``model_not_found``)."""
 
 
 class EngineClosed(EngineError):
@@ -84,10 +88,12 @@ class RequestHandle:
     """One request's results. Iterate (sync or async) for StreamEvents; every iterator sees all
     events from the start. `cancel()` is safe from any thread."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, engine: "EngineFrontend"):
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, engine: "EngineFrontend",
+                 adapter: str | None = None):
         self.id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
+        self.adapter = adapter          # LoRA adapter name, None = the base model
         self._engine = engine
         self._lock = threading.Lock()
         self._history: list[StreamEvent] = []
@@ -189,6 +195,7 @@ class EngineFrontend:
     ``_cv`` (a Condition), ``_closing``, ``_thread`` and the methods ``_loop`` and ``_fail_all``."""
 
     error: str | None = None  # why the engine stopped, when it failed
+    adapter_names: tuple[str, ...] = ()  # LoRA adapters a request may name (``submit(..., adapter=NAME)``)
 
     def __enter__(self):
         return self.start()
@@ -275,6 +282,13 @@ class EngineFrontend:
         if params.stop_strings and self.tokenizer is None:
             raise RequestError("stop strings need an engine with a tokenizer")
         return prompt_ids, params
+
+    def _check_adapter(self, adapter: str | None) -> str | None:
+        """``adapter`` when this engine holds it (None: the base model), else UnknownAdapter."""
+        if adapter is not None and adapter not in self.adapter_names:
+            held = ", ".join(map(repr, self.adapter_names)) or "none"
+            raise UnknownAdapter(f"unknown adapter {adapter!r} (this engine holds: {held})")
+        return adapter
 
     def _limit(self, n_prompt: int, params: SamplingParams) -> int:
         """New tokens a request may have: its own limits, the server's and the context's."""

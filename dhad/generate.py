@@ -529,7 +529,7 @@ def generate_ids(model, input_ids, params: SamplingParams | None = None, attenti
     decoders = [StreamDecoder(tokenizer) for _ in range(B)] if params.stop_strings else None
     matchers = [StopMatcher(params.stop_strings) for _ in range(B)] if params.stop_strings else None
 
-    from dhad.model import KVCache
+    from dhad.kv_cache import KVCache
     max_len = T + limit
     if compile:
         max_len = min(-(-max_len // _COMPILE_BUCKET) * _COMPILE_BUCKET, cfg.block_size)  # T + limit <= block_size

@@ -13,6 +13,12 @@ The adapter drives `vllm.LLMEngine` (``add_request`` / ``step`` / ``abort_reques
 `StreamDecoder`, so text deltas are UTF-8-safe exactly as with the native engine. Sampling
 parameters map one to one (vLLM's repetition penalty is transformers' multiplicative one).
 This module imports vLLM lazily: without it, constructing `VLLMEngine` raises a clear error.
+
+LoRA adapters (``adapters={name: directory}``, PEFT's format) go to vLLM's own multi-LoRA support:
+the engine is built with ``enable_lora``, ``max_loras`` (how many adapters one batch may mix) and
+``max_lora_rank`` (the adapters' largest ``r``, rounded up to a rank vLLM accepts), and a request
+that names an adapter carries a ``LoRARequest(name, id, directory)``. vLLM supports LoRA on its
+Llama models (not on Jais); ``--vllm-arg max_loras=…`` etc. override what is derived here.
 """
 from __future__ import annotations
 
@@ -49,6 +55,29 @@ def check_support(model_dir, vllm_version: str) -> None:
                           "vLLM 0.3.4 through 0.22 only. Install 'vllm>=0.3.4,<=0.22' or use --engine native.")
 
 
+# max_lora_rank values vLLM accepts (LoRAConfig: 8..64 in old releases, up to 512 in newer ones)
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_engine_args(adapters: dict, max_batch_size: int) -> dict:
+    """vllm.EngineArgs for serving these PEFT adapter directories: enable_lora, max_loras, max_lora_rank."""
+    ranks = []
+    for name, d in adapters.items():
+        f = Path(d) / "adapter_config.json"
+        try:
+            r = json.loads(f.read_text(encoding="utf-8")).get("r", 8)
+        except (OSError, ValueError, AttributeError) as e:
+            raise EngineError(f"adapter {name!r}: cannot read {f} ({e})") from None
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise EngineError(f"adapter {name!r}: {f} has no valid rank r ({r!r})")
+        ranks.append(r)
+    top = max(ranks)
+    rank = next((x for x in VLLM_LORA_RANKS if x >= top), None)
+    if rank is None:
+        raise EngineError(f"adapter rank {top} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+    return {"enable_lora": True, "max_loras": max(1, min(len(adapters), max_batch_size)), "max_lora_rank": rank}
+
+
 # vLLM raises temperatures below 0.01 to 0.01 itself ("may cause numerical errors nan or inf"); older
 # releases do not, and its repetition penalty divides logits the same way. Both get that floor here.
 VLLM_FLOOR = 1e-2
@@ -83,7 +112,8 @@ class VLLMEngine(EngineFrontend):
 
     def __init__(self, model_dir, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
                  max_new_tokens_limit: int = 4096, max_seq_len: int | None = None,
-                 default_params: SamplingParams | None = None, dtype: str = "auto", **engine_kwargs):
+                 default_params: SamplingParams | None = None, dtype: str = "auto", adapters: dict | None = None,
+                 **engine_kwargs):
         try:
             import vllm
         except ImportError:
@@ -113,9 +143,13 @@ class VLLMEngine(EngineFrontend):
         eos = cfg.get("eos_token_id")
         self._eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         self._special = set(getattr(tokenizer, "special_ids", ()) or ())
+        # LoRA adapters: name -> (vLLM's integer id, >= 1, and directory)
+        self._loras = {name: (i + 1, str(Path(d).resolve())) for i, (name, d) in enumerate((adapters or {}).items())}
+        self.adapter_names = tuple(self._loras)
+        lora_args = {**lora_engine_args(adapters, max_batch_size), **engine_kwargs} if adapters else engine_kwargs
         self._engine_args = dict(model=self.model_dir, max_num_seqs=max_batch_size, max_model_len=self.max_seq_len,
                                  dtype=dtype, trust_remote_code=False,
-                                 **({"skip_tokenizer_init": True} if skip_tokenizer else {}), **engine_kwargs)
+                                 **({"skip_tokenizer_init": True} if skip_tokenizer else {}), **lora_args)
         self._cv = threading.Condition()
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._live: dict[str, dict] = {}
@@ -137,9 +171,10 @@ class VLLMEngine(EngineFrontend):
         return self
 
     def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None,
-               **kwargs) -> RequestHandle:
+               adapter: str | None = None, **kwargs) -> RequestHandle:
+        adapter = self._check_adapter(adapter)
         prompt_ids, params = self._prepare(prompt_ids, params, kwargs)
-        h = RequestHandle(request_id or f"req-{next(self._ids)}", prompt_ids, params, self)
+        h = RequestHandle(request_id or f"req-{next(self._ids)}", prompt_ids, params, self, adapter)
         with self._cv:
             if self._closing:
                 raise self._closed_error()
@@ -167,7 +202,13 @@ class VLLMEngine(EngineFrontend):
                     "closing": self._closing, "error": self.error, "active": len(self._live),
                     "queued": len(self._pending), "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
                     "max_new_tokens_limit": self.max_new_tokens_limit, "max_seq_len": self.max_seq_len,
+                    "adapters": list(self.adapter_names),
                     **{k: self._counters[k] for k in ("submitted", "completed", "cancelled", "rejected", "tokens")}}
+
+    def _lora_request(self, name: str):
+        from vllm.lora.request import LoRARequest  # present since vLLM 0.3 (lora_name, lora_int_id, path)
+        lora_id, path = self._loras[name]
+        return LoRARequest(name, lora_id, path)
 
     def _end_ids(self, p: SamplingParams) -> set[int]:
         """Tokens that end a request and are never shown: its EOS (the request's own, else the
@@ -220,7 +261,11 @@ class VLLMEngine(EngineFrontend):
                     continue
                 vp = to_vllm_params(h.params, len(h.prompt_ids), max(self._limit(len(h.prompt_ids), h.params), 1),
                                     self._vllm)
-                eng.add_request(h.id, {"prompt_token_ids": h.prompt_ids}, vp)
+                if h.adapter is None:
+                    eng.add_request(h.id, {"prompt_token_ids": h.prompt_ids}, vp)
+                else:
+                    eng.add_request(h.id, {"prompt_token_ids": h.prompt_ids}, vp,
+                                    lora_request=self._lora_request(h.adapter))
                 dec = StreamDecoder(self.tokenizer, skip_ids=self._special) if self.tokenizer is not None else None
                 self._live[h.id] = {"h": h, "n": 0, "dec": dec,
                                     "stop": StopMatcher(h.params.stop_strings),

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-trl = pytest.importorskip("trl")
-transformers = pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
+import datasets  # noqa: E402  (test extras: a missing one is an error, not a skip)
+import transformers  # noqa: E402
+import trl  # noqa: E402
 
 import dhad
 from dhad.checkpoint import hf_state_dict

@@ -91,7 +91,8 @@ def test_static_decode_path_equals_dynamic(preset):
     """The static-shape step (whole cache attended, unfilled slots masked, scatter writes: what the
     compiled decoder runs) gives the dynamic path's logits at every step, rows of different fill."""
     from dhad.config import Config
-    from dhad.model import KVCache, Transformer
+    from dhad.kv_cache import KVCache
+    from dhad.model import Transformer
     torch.manual_seed(4)
     cfg = Config.from_name(preset)
     m = Transformer(cfg).init_weights(seed=0).eval()

@@ -196,6 +196,8 @@ def test_quantised_checkpoint_round_trip(tmp_path, kind, mode, group):
     for n in linear_names(m):  # the same codes and scales, not just the same logits
         assert torch.equal(back.get_submodule(n).dequantize(), m.get_submodule(n).dequantize())
     assert torch.equal(load_model(out, quantize=mode, group_size=group)(x), m(x))  # asking for what it is: fine
+    with pytest.raises(QuantError, match="LoRA adapter on a quantised model is not supported"):
+        load_model(out, adapter=tmp_path)
     other = ("int4", 32) if mode == "int8" else ("int8", None)
     with pytest.raises(QuantError, match="already quantised"):
         load_model(out, quantize=other[0], group_size=other[1])

@@ -96,3 +96,43 @@ def test_server_over_vllm_answers_like_native(engines):
             outs.append((r.json()["output"], chat.json()["choices"][0]["message"]["content"],
                          chat.json()["usage"]))
     assert outs[0] == outs[1]
+
+
+def test_lora_adapters_mixed_in_one_batch_equal_native(engines, tmp_path):
+    """`dhad serve --engine vllm --adapter NAME=DIR`: adapters in PEFT's format (written by dhad.lora) reach
+    vLLM's LoRA support; greedy tokens of a mixed batch (two adapters and the base) equal the native
+    engine's batched multi-LoRA."""
+    import copy
+
+    from dhad.lora import LoraConfig, apply_lora, lora_layers, save_adapter
+    from dhad.multi_lora import MultiLoRA
+    _, native_base, tok, d = engines
+    model = native_base.model
+    dirs = {}
+    for name, seed, targets in (("a", 1, ("q", "k", "v", "o", "gate", "up", "down")), ("b", 2, ("q", "v"))):
+        m = apply_lora(copy.deepcopy(model), LoraConfig(r=4, alpha=8, targets=targets), seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # trained-looking B (PEFT's init has B = 0)
+            for layer in lora_layers(m).values():
+                for b in layer.lora_B.values():
+                    b.copy_(torch.randn(b.shape, generator=g) * 0.2)
+        dirs[name] = save_adapter(m, tmp_path / name)
+    real = make_engine(d, tok, engine="vllm", max_batch_size=4, max_queue=16, max_new_tokens_limit=64,
+                       dtype="float32", gpu_memory_utilization=0.1, adapters=dirs).start()
+    own = copy.deepcopy(model)  # hooks go on a copy: the module fixture's native engine stays plain
+    native = Engine(own, tok, max_batch_size=4, max_new_tokens_limit=64,
+                    adapters=MultiLoRA.from_dirs(own, dirs)).start()
+    try:
+        g = torch.Generator().manual_seed(2)
+        ps = [torch.randint(3, tok.vocab_size, (int(n),), generator=g).tolist() for n in (5, 11, 8, 3)]
+        names = ["a", None, "b", "a"]
+        hs = [real.submit(p, max_new_tokens=8, adapter=a, **NO_EOS) for p, a in zip(ps, names)]
+        got = [h.result(300).token_ids for h in hs]
+        want = [native.generate(p, max_new_tokens=8, adapter=a, timeout=120, **NO_EOS).token_ids
+                for p, a in zip(ps, names)]
+        assert got == want
+        plain = native.generate(ps[0], max_new_tokens=8, timeout=120, **NO_EOS).token_ids
+        assert plain != want[0]  # the adapter changed the answer
+    finally:
+        real.shutdown()
+        native.shutdown()

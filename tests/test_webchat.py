@@ -193,3 +193,47 @@ def test_page_headers(server):
     assert "script-src 'self'" in csp and "default-src 'none'" in csp
     for asset in ("/static/app.js", "/static/style.css"):
         assert httpx.get(server.url + asset).status_code == 200
+
+
+def test_model_picker_sends_the_chosen_lora_adapter(browser, demo_dir, tmp_path):
+    """With LoRA adapters served, the settings offer the base model and each adapter; the chosen one
+    answers (expected: dhad.lora's single-adapter model, independent of the server's batched LoRA)."""
+    import copy
+
+    import torch
+
+    from dhad.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
+    from dhad.serve.backend import load_backend
+    base, tok = dhad.load_model(demo_dir), dhad.load_tokenizer(demo_dir)
+    m = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets=("q", "k", "v", "o", "up", "down")))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(m).values():
+            for b in layer.lora_B.values():
+                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+    adir = save_adapter(m, tmp_path / "tea")
+    msgs = [{"role": "user", "content": AR_Q}]
+    expected = generate_text(load_adapter(copy.deepcopy(base), adir).eval(), tok, msgs, max_new_tokens=30)
+    assert expected != generate_text(base, tok, msgs, max_new_tokens=30)  # the adapter changes the answer
+    b = load_backend(demo_dir, adapters={"tea": adir})
+    b.engine.start()
+    try:
+        with BackgroundServer(create_app(b)) as s:
+            pg = browser.new_page(viewport={"width": 960, "height": 720}, locale="ar")
+            requests = []
+            pg.on("request", lambda r: requests.append(r))
+            pg.requests = requests
+            pg.goto(s.url + "/")
+            pg.wait_for_function("() => document.querySelectorAll('#model_pick option').length === 2")
+            pg.click("#settings summary")
+            assert pg.is_visible("#model_pick")
+            pg.select_option("#model_pick", "tea")
+            assert pg.inner_text("#model") == "tea"
+            pg.fill("#temperature", "0")
+            pg.fill("#max_tokens", "30")
+            send(pg, AR_Q)
+            assert pg.locator(".msg.assistant").last.get_attribute("data-text") == expected
+            assert chat_bodies(pg)[-1]["model"] == "tea"
+            pg.close()
+    finally:
+        b.engine.shutdown(wait=False)

@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $DHAD_API_KEY; none = open)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter (PEFT's format: adapter_config.json + adapter_model.safetensors) "
+                        "as model id NAME beside the base model; repeatable. Requests pick one with the OpenAI "
+                        "'model' field (also on /score); requests of different adapters share a batch")
     p.add_argument("--format", default=None,
                    help="chat format: jais, jais-legacy, llama2, chatml (default: the checkpoint's chat_template)")
     p.add_argument("--engine", choices=("native", "vllm"), default="native")
@@ -72,6 +76,19 @@ def parse_engine_args(items: list[str]) -> dict:
     return out
 
 
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    """``["ar-chat=out/ar", "code=out/code"]`` -> ``{"ar-chat": "out/ar", "code": "out/code"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise CLIError(f"--adapter {item!r}: expected NAME=DIR (a model id and a PEFT adapter directory)")
+        if name.strip() in out:
+            raise CLIError(f"--adapter {name.strip()!r} is given twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
 def build_filter(kind: str, blocklist: str | None):
     if kind == "none":
         if blocklist:
@@ -97,6 +114,7 @@ def run(args) -> int:
         raise CLIError(f"--max-body-mb, --max-prompt-chars, --header-timeout, --body-timeout: {e}") from None
     content_filter = build_filter(args.content_filter, args.blocklist)
     engine_args = parse_engine_args(args.vllm_arg)
+    adapters = parse_adapters(args.adapter)
     if engine_args and args.engine != "vllm":
         raise CLIError("--vllm-arg needs --engine vllm")
     api_key = args.api_key if args.api_key is not None else (os.environ.get("DHAD_API_KEY") or None)
@@ -114,14 +132,15 @@ def run(args) -> int:
         backend = load_backend(args.model, dtype=args.dtype, device=args.device, engine=args.engine, fmt=args.format,
                                model_name=args.served_model_name, max_batch_size=args.max_batch_size,
                                max_queue=args.max_queue, max_new_tokens_limit=args.max_new_tokens_limit,
-                               download=args.download, engine_args=engine_args, **quant)
+                               download=args.download, engine_args=engine_args, adapters=adapters, **quant)
     # missing directory, bad checkpoint / tokenizer / format, vLLM not installed
     except (OSError, ValueError, RuntimeError, CheckpointError) as e:
         raise CLIError(str(e)) from None
     app = create_app(backend, api_key=api_key, content_filter=content_filter, shutdown_engine=True, limits=limits)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key (set --api-key or DHAD_API_KEY)", file=sys.stderr)
-    print(f"dhad serve: {backend.model_name} ({backend.fmt.name} format, context {backend.context}) on "
+    extra = f" + LoRA adapters {', '.join(backend.adapter_names)}" if backend.adapter_names else ""
+    print(f"dhad serve: {backend.model_name}{extra} ({backend.fmt.name} format, context {backend.context}) on "
           f"http://{args.host}:{args.port}/  (web chat at /, OpenAI API at /v1, card endpoint at /score)",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -49,7 +49,10 @@ def run(args) -> int:
         if result.signal is not None:
             return 128 + int(result.signal)
         return 0
-    print(f"done: {result.step} steps; model in {result.model_dir}")
+    if result.adapter_dir is not None:
+        print(f"done: {result.step} steps; LoRA adapter (PEFT format) in {result.adapter_dir}")
+    else:
+        print(f"done: {result.step} steps; model in {result.model_dir}")
     return 0
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dhad.model import KVCache
+from dhad.kv_cache import KVCache
 
 MIN_SHARED = 32          # tokens a batch of questions must share before it is worth a block pass
 MASK_ELEMS = 1 << 24     # attention-mask entries per batch (rows x [heads] x width x keys): 64 MiB in fp32

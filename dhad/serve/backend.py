@@ -2,6 +2,7 @@
 
     backend = load_backend("path/to/model_dir")          # loads model + tokenizer, builds an Engine
     backend = Backend.from_engine(engine, fmt="jais")     # or wrap an engine you built yourself
+    backend = load_backend(d, adapters={"ar-chat": "adapters/ar-chat"})   # LoRA adapters in PEFT's format
     ids, params = backend.chat_request(messages, temperature=0.3)
     handle = backend.engine.submit(ids, params)
 
@@ -13,6 +14,8 @@ Design choices:
 - Generation defaults are transformers' (`SamplingParams()`), overlaid with the checkpoint's
   generation_config.json the way `model.generate` uses ``model.generation_config``: the card's
   endpoint then answers exactly like the card's transformers snippet.
+- LoRA adapters are served beside the base model: each is a model id of its own (the OpenAI
+  ``model`` field picks one per request), all sharing the engine, the tokenizer and the chat format.
 - No web framework here: the terminal chat imports this without FastAPI.
 """
 from __future__ import annotations
@@ -83,6 +86,23 @@ class Backend:
                    Path(model_dir) if model_dir else None)
 
     @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The engine's LoRA adapters, each served as a model id beside the base model."""
+        return tuple(getattr(self.engine, "adapter_names", ()))
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name, *self.adapter_names)
+
+    def adapter_for(self, name: str | None) -> str | None:
+        """The adapter a request's ``model`` names: None for the base model (or no name), KeyError if unknown."""
+        if name is None or name == self.model_name:
+            return None
+        if name in self.adapter_names:
+            return name
+        raise KeyError(name)
+
+    @property
     def context(self) -> int:
         """Tokens the engine can hold per sequence (prompt + answer)."""
         return int(self.engine.max_seq_len)
@@ -111,17 +131,20 @@ class Backend:
 def load_backend(model_dir, *, dtype: str | None = None, device: str = "cpu", engine: str = "native",
                  fmt=None, model_name: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
                  max_new_tokens_limit: int = 4096, max_seq_len: int | None = None,
-                 download: bool = False, engine_args: dict | None = None, quantize: str | None = None,
-                 group_size: int | None = None) -> Backend:
+                 download: bool = False, engine_args: dict | None = None,
+                 adapters: dict | None = None, quantize: str | None = None, group_size: int | None = None) -> Backend:
     """Load a model directory (``download``: a Hugging Face repo id, fetched) and build (not start) its engine.
     ``dtype`` None: float32 for the native engine, the checkpoint's for vLLM. ``engine_args``: extra
-    `vllm.EngineArgs` (e.g. tensor_parallel_size, gpu_memory_utilization), vLLM only. ``quantize`` /
-    ``group_size``: weight-only quantisation (`dhad.load_model`), native engine only."""
+    `vllm.EngineArgs` (e.g. tensor_parallel_size, gpu_memory_utilization), vLLM only. ``adapters``:
+    ``{name: directory}`` of LoRA adapters in PEFT's format, served beside the base model under those names.
+    ``quantize`` / ``group_size``: weight-only quantisation (`dhad.load_model`), native engine only."""
     from dhad.checkpoint import resolve_model_dir
     from dhad.engine import make_engine
     from dhad.tokenizer import load_tokenizer
 
     d = resolve_model_dir(model_dir, download=download)
+    name = model_name or d.resolve().name
+    adapters = check_adapters(adapters, name)
     tok = load_tokenizer(d)
     kw = dict(max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens_limit=max_new_tokens_limit,
               max_seq_len=max_seq_len)
@@ -130,9 +153,31 @@ def load_backend(model_dir, *, dtype: str | None = None, device: str = "cpu", en
             raise ValueError(f"engine arguments {sorted(engine_args)} are for --engine vllm")
         from dhad.checkpoint import load_model
         model = load_model(d, dtype=dtype or "float32", device=device, quantize=quantize, group_size=group_size)
-        eng = make_engine(model, tok, "native", **kw)
+        lora = None
+        if adapters:
+            from dhad.multi_lora import MultiLoRA
+            lora = MultiLoRA.from_dirs(model, adapters)
+        eng = make_engine(model, tok, "native", adapters=lora, **kw)
     else:
         if quantize is not None or group_size is not None:
             raise ValueError("quantize= is for the native engine; vLLM takes its own (engine_args quantization=...)")
+        if adapters:
+            kw["adapters"] = adapters
         eng = make_engine(d, tok, engine, dtype=dtype or "auto", **kw, **(engine_args or {}))
-    return Backend.from_engine(eng, fmt=fmt, model_name=model_name or d.resolve().name, model_dir=d)
+    return Backend.from_engine(eng, fmt=fmt, model_name=name, model_dir=d)
+
+
+def check_adapters(adapters: dict | None, base_name: str) -> dict[str, Path]:
+    """``{name: directory}`` with names usable as model ids (not the base model's) and existing directories."""
+    out = {}
+    for name, path in (adapters or {}).items():
+        if not isinstance(name, str) or not name.strip() or name != name.strip() or len(name) > 256:
+            raise ValueError(f"adapter name {name!r}: must be 1-256 characters without surrounding spaces")
+        if name == base_name:
+            raise ValueError(f"adapter name {name!r} is the base model's name; name the adapter differently")
+        p = Path(path)
+        if not p.is_dir():
+            raise ValueError(f"adapter {name!r}: {p} is not a directory (expected adapter_config.json + "
+                             "adapter_model.safetensors, PEFT's format)")
+        out[name] = p
+    return out

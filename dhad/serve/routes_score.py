@@ -14,9 +14,11 @@ def router(svc: Service, auth: list, errors) -> APIRouter:
     r = APIRouter(dependencies=auth)
     backend = svc.backend
 
-    @r.post("/score", response_model=S.ScoreResponse, responses=errors(400, 401, 408, 413, 422, 429, 503))
+    @r.post("/score", response_model=S.ScoreResponse, responses=errors(400, 401, 404, 408, 413, 422, 429, 503))
     async def score(req: S.ScoreRequest, request: Request):
-        """The ALLaM card's endpoint: transformers' generation parameters, answer as ``output``."""
+        """The ALLaM card's endpoint: transformers' generation parameters, answer as ``output``. An
+        optional top-level ``model`` (as in the OpenAI API) picks a LoRA adapter; default: the base model."""
+        adapter = svc.check_model(req.model)
         messages = [m.model_dump() for m in req.input_data.input_string]
         given = req.input_data.parameters.model_dump(exclude_none=True)
         if "stop" in given:
@@ -33,7 +35,7 @@ def router(svc: Service, auth: list, errors) -> APIRouter:
                 (backend.defaults.max_new_tokens or 0) > backend.max_new_tokens_limit:
             given["max_new_tokens"] = backend.max_new_tokens_limit  # the default must respect the limit
         params = svc.params(backend.defaults, given, chat=True)
-        run = Run(svc.submit(await svc.chat_ids(messages), params), svc.content_filter)
+        run = Run(svc.submit(await svc.chat_ids(messages), params, adapter), svc.content_filter)
         return S.ScoreResponse(output=await run.collect(request))
 
     return r

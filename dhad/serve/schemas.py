@@ -126,6 +126,7 @@ class ScoreRequest(BaseModel):
         },
     )
     input_data: ScoreInput
+    model: _text(256) | None = None  # dhad's addition: a served model id (a LoRA adapter); default the base
 
 
 class ScoreResponse(BaseModel):
@@ -246,6 +247,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "dhad"
     max_model_len: int
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for the base model
 
 
 class ModelList(BaseModel):

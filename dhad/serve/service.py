@@ -15,7 +15,7 @@ import contextlib
 import json
 
 from dhad import prompts
-from dhad.engine import EngineClosed, QueueFull, RequestError
+from dhad.engine import EngineClosed, QueueFull, RequestError, UnknownAdapter
 from dhad.generate import SamplingParams
 from dhad.serve import schemas as S
 from dhad.serve.backend import Backend
@@ -39,10 +39,14 @@ class Service:
         return self.limits.prompt_chars(self.backend.context)
 
     # -- checks that need no tokenizer ----------------------------------------------------------
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.backend.model_name:
-            raise APIError(404, f"model {name!r} is not served here (this server serves {self.backend.model_name!r})",
-                           "not_found_error", param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model); 404 for a name not served."""
+        try:
+            return self.backend.adapter_for(name)
+        except KeyError:
+            served = ", ".join(repr(n) for n in self.backend.model_names)
+            raise APIError(404, f"model {name!r} is not served here (this server serves {served})",
+                           "not_found_error", param="model", code="model_not_found") from None
 
     def _check_chars(self, n_chars: int, param: str) -> None:
         limit = self.max_prompt_chars
@@ -143,11 +147,15 @@ class Service:
         return SamplingParams(), given
 
     # -- the engine ---------------------------------------------------------------------------
-    def submit(self, ids: list[int], params: SamplingParams):
+    def submit(self, ids: list[int], params: SamplingParams, adapter: str | None = None):
         if self.draining:
             raise APIError(503, "server is shutting down", "server_error", code="shutting_down")
         try:
-            return self.backend.engine.submit(ids, params)
+            if adapter is None:  # the base model: engines without adapters take no adapter argument
+                return self.backend.engine.submit(ids, params)
+            return self.backend.engine.submit(ids, params, adapter=adapter)
+        except UnknownAdapter as e:
+            raise APIError(404, str(e), "not_found_error", param="model", code="model_not_found") from None
         except QueueFull as e:
             raise APIError(429, f"server busy, retry later: {e}", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None

@@ -45,9 +45,9 @@ from pathlib import Path
 
 from dhad.data.dedup import DedupConfig, Deduplicator, exact_key, signature
 from dhad.data.readers import ReadStats, read_documents
-from dhad.synth.backends import BackendUnavailable, GenParams, RequestFailed, run_bounded
-from dhad.synth.translate import (JsonlAppender, TranslateError, _jsonable, doc_id, recover_jsonl, repetition,
-                                  resolve_sources, script_ratio, sidecar, write_json_atomic)
+from dhad.synth.backends import BackendUnavailable, GenParams, RequestFailed
+from dhad.synth.translate import (TranslateError, _jsonable, doc_id, recover_jsonl, repetition, resolve_sources,
+                                  run_jobs, script_ratio, sidecar, write_json_atomic)
 
 __all__ = ["SynthError", "SynthConfig", "SynthFilterConfig", "Seed", "RULES", "load_seeds", "detect_lang",
            "is_refusal", "check_conversation", "synth", "format_report"]
@@ -407,21 +407,8 @@ async def _run(cfg: SynthConfig, backend, seeds: list[Seed], stats: ReadStats, r
             rep["error"] = f"{type(error).__name__}: {error}"
         return rep
 
-    try:
-        with JsonlAppender(out) as kept_w, JsonlAppender(rej_path) as rej_w:
-            await run_bounded(jobs(kept_w, rej_w), one, cfg.max_inflight or max(4, 2 * getattr(backend, "concurrency", 2)),
-                              fatal)
-    except BaseException as e:   # a dead endpoint, Ctrl-C, a full disk: keep the counts of what was done
-        try:
-            write_json_atomic(rep_path, report(e))
-            e.report_path = str(rep_path)
-        except Exception:        # the report is a courtesy here: the error that stopped the run comes first
-            pass
-        raise
-    finally:
-        if progress is not None:
-            progress.close()
-        await backend.end_loop()
+    await run_jobs(out, rej_path, rep_path, jobs, one,
+                   cfg.max_inflight or max(4, 2 * getattr(backend, "concurrency", 2)), fatal, report, progress, backend)
     rep = report()
     write_json_atomic(rep_path, rep)
     return rep

@@ -568,21 +568,9 @@ async def _run(cfg: TranslateConfig, backend, files) -> dict:
                                  "corpus_chrf": round(corpus_chrf([h for h, _ in pairs], [r for _, r in pairs]), 4)}
         return rep
 
-    try:
-        with JsonlAppender(out) as kept_w, JsonlAppender(rej_path) as rej_w:
-            await run_bounded(jobs(kept_w, rej_w), one,
-                              cfg.max_inflight_docs or max(4, 2 * getattr(backend, "concurrency", 2)), fatal)
-    except BaseException as e:   # a dead endpoint, Ctrl-C, a full disk: keep the counts of what was done
-        try:
-            write_json_atomic(rep_path, report(e))
-            e.report_path = str(rep_path)
-        except Exception:        # the report is a courtesy here: the error that stopped the run comes first
-            pass
-        raise
-    finally:
-        if progress is not None:
-            progress.close()
-        await backend.end_loop()
+    await run_jobs(out, rej_path, rep_path, jobs, one,
+                   cfg.max_inflight_docs or max(4, 2 * getattr(backend, "concurrency", 2)), fatal, report, progress,
+                   backend)
     if c["read"] == 0 and not (ids_out or ids_rej):
         empty = [str(p) for p, _ in files]
         raise TranslateError(f"no documents with a non-empty {cfg.text_field!r} field in {', '.join(empty)} "
@@ -611,3 +599,25 @@ def format_report(r: dict) -> str:
                  f"{r['elapsed_s']:.1f}s")
     lines.append(f"teacher: {r.get('teacher')}; output: {r['out']} (+ {r['rejected_out']})")
     return "\n".join(lines)
+
+
+async def run_jobs(out, rej_path, rep_path, jobs, one, max_inflight: int, fatal: list, report, progress,
+                   backend) -> None:
+    """Run ``one`` over ``jobs(kept_w, rej_w)`` (at most ``max_inflight`` at once) with the kept and
+    rejected JSONL files open for appending. Whatever stops the run -- a dead endpoint, Ctrl-C, a full
+    disk -- first writes ``report(error)`` to ``rep_path`` (the counts of what was done) and names it on
+    the error as ``report_path``; the backend's loop is ended either way."""
+    try:
+        with JsonlAppender(out) as kept_w, JsonlAppender(rej_path) as rej_w:
+            await run_bounded(jobs(kept_w, rej_w), one, max_inflight, fatal)
+    except BaseException as e:
+        try:
+            write_json_atomic(rep_path, report(e))
+            e.report_path = str(rep_path)
+        except Exception:        # the report is a courtesy here: the error that stopped the run comes first
+            pass
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        await backend.end_loop()

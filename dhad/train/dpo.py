@@ -62,6 +62,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dhad.lora import lora_disabled, lora_layers
 from dhad.train import distributed as D
 from dhad.train.preference import (  # noqa: F401 - Pair, load_pairs: the pair API, importable from here
     Pair,
@@ -245,6 +246,7 @@ class DPOObjective(_Objective):
         self.reports: dict[str, PairReport] = {}              # "split/source" -> what was skipped
         self.tables: dict[tuple[str, str], torch.Tensor] = {}  # (split, source) -> [n_source, 2] ref log-probs
         self.ref_model = None
+        self.ref_adapters_off = False  # LoRA: the reference is the policy with its adapters switched off
         self.reference = None
         self.share_prompt = self.cfg.share_prompt  # the layout of training batches (see setup())
         self.progress = True                      # the loop sets this from its own `progress`
@@ -333,16 +335,20 @@ class DPOObjective(_Objective):
                     continue
                 view = _Prefix(view, n_val)
             path = self.run_dir / "ref_logps" / f"{split}-{name}.safetensors" if self.run_dir else None
-            if path is not None:
-                t, hit = cached_reference_logps(inner, view, path, key, desc=f"reference log-probs {split}/{name}", **kw)
-            else:
-                t, hit = compute_logps(inner, view, desc=f"reference log-probs {split}/{name}", **kw), False
+            with lora_disabled(inner):  # LoRA: the base alone (a no-op for a model without adapters)
+                if path is not None:
+                    t, hit = cached_reference_logps(inner, view, path, key, desc=f"reference log-probs {split}/{name}",
+                                                    **kw)
+                else:
+                    t, hit = compute_logps(inner, view, desc=f"reference log-probs {split}/{name}", **kw), False
             keep = view.view.keep[:view.n] if isinstance(view, _Prefix) else view.keep
             table = torch.full((len(view.ps), 2), float("nan"))
             table[torch.tensor(keep, dtype=torch.long)] = t
             self.tables[(split, name)] = table
             info[f"{split}/{name}"] = {"pairs": len(view), "cache": str(path) if path else None, "reused": hit}
-        if self.reference == "frozen":
+        if self.reference == "frozen" and lora_layers(inner):
+            self.ref_adapters_off = True  # no second copy: the base is inside the policy
+        elif self.reference == "frozen":
             import copy
             self.ref_model = copy.deepcopy(inner)
             for p in self.ref_model.parameters():
@@ -396,6 +402,11 @@ class DPOObjective(_Objective):
         B = lp.shape[0] // 2
         if "ref" in batch:
             rc, rr = batch["ref"][:, 0], batch["ref"][:, 1]
+        elif self.ref_adapters_off:
+            inner = D.unwrap(model)
+            with torch.no_grad(), lora_disabled(inner):
+                r = sequence_logps(inner, batch).float()
+            rc, rr = r[:B], r[B:]
         else:
             if self.ref_model is None:
                 raise DPOError("DPO objective used before setup()")

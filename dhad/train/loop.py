@@ -82,7 +82,7 @@ class TrainError(ValueError):
 class TrainResult:
     """What a run did. `model` is the trained module (FSDP-sharded in an FSDP run)."""
     run_dir: Path
-    model_dir: Path | None
+    model_dir: Path | None  # RUN/model (None for a LoRA run: its product is the adapter)
     step: int  # optimizer updates done in total
     losses: list = field(default_factory=list)  # (step, train loss) of this session
     evals: list = field(default_factory=list)  # {"step", "val_loss", "val_loss_by_source"}
@@ -94,6 +94,7 @@ class TrainResult:
     mixture: dict = field(default_factory=dict)
     plan: list = field(default_factory=list)
     model: nn.Module | None = field(default=None, repr=False)
+    adapter_dir: Path | None = None  # RUN/adapter: a LoRA run's adapter in PEFT's format
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +125,11 @@ def resolve_paths(recipe: Recipe, data_root: str | os.PathLike | None) -> Recipe
 
 def set_trainable(model: nn.Module, what: str) -> None:
     """`all`, or `embeddings`: only the token embeddings and the LM head train (adapt stage 1), through
-    the adapt module's `freeze_for_stage` (the one definition of the card's two stages)."""
+    the adapt module's `freeze_for_stage` (the one definition of the card's two stages). A model with
+    LoRA adapters keeps its own split: the adapters train, nothing else."""
+    from dhad.lora import lora_layers
+    if lora_layers(model):
+        return
     from dhad.adapt import freeze_for_stage
     freeze_for_stage(model, 1 if what == "embeddings" else 2)
 
@@ -166,6 +171,25 @@ def build_model(recipe: Recipe) -> Transformer:
         except ConfigError as e:
             raise RecipeError(f"model.overrides: {e}") from None
     return model
+
+
+def add_adapters(model: Transformer, recipe: Recipe) -> Transformer:
+    """The recipe's `peft:` block: LoRA adapters on the frozen model (QLoRA: the base in NF4).
+    Under bf16 the frozen parameters are stored in bf16 (they need no fp32 master copy, and autocast then
+    keeps no bf16 copies of them): the adapters alone are fp32 master weights."""
+    from dhad.lora import LoraConfig, LoraError, apply_lora
+    p = recipe.peft
+    if recipe.precision == "bf16":
+        with torch.no_grad():
+            for param in model.parameters():  # parameters only: buffers (RoPE tables, ALiBi slopes) stay fp32
+                param.data = param.data.to(torch.bfloat16)
+    try:
+        cfg = LoraConfig(r=p.r, alpha=p.alpha, dropout=p.dropout, targets=tuple(p.targets), rslora=p.rslora,
+                         init=p.init, base_model=recipe.model.init_from or recipe.model.preset)
+        return apply_lora(model, cfg, seed=recipe.seed, quantize=p.quantize, double_quant=p.double_quant,
+                          dtype=torch.float32)
+    except LoraError as e:  # e.g. q without k and v on the Jais layout; bitsandbytes missing for nf4
+        raise TrainError(f"peft: {e}") from None
 
 
 def materialize(model: Transformer, recipe: Recipe, device) -> None:
@@ -427,11 +451,14 @@ def _setup(recipe: Recipe, env: D.DistEnv, run_dir: Path, progress: bool) -> _Ru
     objective = get_objective(recipe.type, recipe.objective)
     objective.progress = progress  # an objective's own long passes (DPO's reference) show a bar only if asked
     model = apply_training_kernels(build_model(recipe))
+    if recipe.peft is not None:
+        add_adapters(model, recipe)
     paths, tok_path, plan, mixture = _open_data(recipe, env, objective, model.config)
     stage = plan.at(0).stage
     set_trainable(model, recipe.stage_list[stage].trainable)
     wrapped = _place(model, recipe, env, strategy, objective, run_dir)
-    optimizer = build_optimizer(model, recipe.optimizer, model.config, env.device.type)
+    optimizer = build_optimizer(model, recipe.optimizer, model.config, env.device.type,
+                                adapters_only=recipe.peft is not None)
     return _Run(recipe, env, run_dir, strategy, objective, paths, tok_path, plan, mixture, wrapped, optimizer, stage)
 
 
@@ -554,7 +581,10 @@ def _checkpoint(run: _Run, step: int) -> Path:
     meta = {"data": mixture.state_dict(), "plan": [_seg_key(s) for s in plan.segments if s.start < step],
             "tokens": plan.tokens_before(step), "recipe": run.recipe.to_dict(), "mixture": mixture.report(),
             "train_seconds": run.train_seconds()}
-    return save_checkpoint(run.run_dir, step, run.wrapped, run.optimizer, meta, run.env, run.recipe.keep_checkpoints)
+    ck = save_checkpoint(run.run_dir, step, run.wrapped, run.optimizer, meta, run.env, run.recipe.keep_checkpoints)
+    if run.recipe.peft is not None:  # beside the training state: the adapter as PEFT reads it
+        save_adapter_dir(run.wrapped, ck / "adapter", run.env)
+    return ck
 
 
 def _run_eval(run: _Run, step: int) -> dict:
@@ -668,7 +698,9 @@ def _finish(run: _Run, step: int, save_final: bool) -> TrainResult:
         if run.do_eval:
             _run_eval(run, step)
         result.checkpoint = _checkpoint(run, step)
-        if save_final:
+        if save_final and run.recipe.peft is not None:
+            result.adapter_dir = save_adapter_dir(run.wrapped, run.run_dir / "adapter", env)
+        elif save_final:
             result.model_dir = save_final_model(run.wrapped, run.run_dir / "model", run.tok_path, env)
     if env.is_main:
         _write_json_atomic(run.run_dir / "mixture.json", {"step": step, "stages": result.mixture,
@@ -683,6 +715,20 @@ def _finish(run: _Run, step: int, save_final: bool) -> TrainResult:
 
 def _seg_key(s) -> list:
     return [s.start, s.end, s.stage, s.seq_len, s.global_seqs]
+
+
+def save_adapter_dir(model, out: Path, env: D.DistEnv) -> Path:
+    """A LoRA run's adapters (gathered from FSDP shards when sharded) as a PEFT adapter directory."""
+    from dhad.lora import save_adapter
+    inner = D.unwrap(model)
+    sd = {}
+    for n, p in inner.named_parameters():  # the adapters alone, gathered (collective under FSDP2)
+        if ".lora_A." in n or ".lora_B." in n:
+            sd[n] = (p.full_tensor() if type(p).__name__ == "DTensor" else p).detach().cpu()
+    if env.is_main:
+        save_adapter(inner, out, state_dict=sd)
+    D.barrier(env)
+    return out
 
 
 def save_final_model(model, out: Path, tok_path: Path | None, env: D.DistEnv) -> Path:

@@ -150,6 +150,21 @@ class Stage:
 
 
 @dataclass
+class PeftSpec:
+    """`peft:` (sft and dpo recipes): train LoRA adapters on a frozen base instead of the whole model
+    (dhad.lora); with `quantize: nf4` the frozen base is stored in 4-bit NormalFloat (QLoRA)."""
+    method: str = "lora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    rslora: bool = False
+    init: str = "default"  # PEFT's init_lora_weights: default (A Kaiming-uniform, B = 0) | gaussian
+    quantize: str | None = None  # nf4: QLoRA
+    double_quant: bool = True  # nf4: the block scales quantised too
+
+
+@dataclass
 class Recipe:
     type: str = "pretrain"
     name: str | None = None
@@ -178,6 +193,7 @@ class Recipe:
     device: str = "auto"  # auto | cpu | cuda
     out_dir: str | None = None
     objective: dict = field(default_factory=dict)  # options of the recipe type's objective
+    peft: PeftSpec | None = None  # LoRA / QLoRA adapters (sft, dpo): only they train
     source_file: str | None = None  # where the recipe was read from (not a YAML key)
 
     # -- derived ---------------------------------------------------------------------------------
@@ -503,6 +519,34 @@ def validate(r: Recipe) -> None:
         raise RecipeError("clip_grad: must be > 0 (or null for no clipping)")
     if r.peak_flops is not None and r.peak_flops <= 0:
         raise RecipeError("peak_flops: must be > 0 (or null to measure)")
+    if r.peft is not None:
+        _validate_peft(r)
+
+
+def _validate_peft(r: Recipe) -> None:
+    p = r.peft
+    if r.type not in ("sft", "dpo"):
+        raise RecipeError(f"peft: LoRA adapters are for sft and dpo recipes, not {r.type!r}")
+    if p.method != "lora":
+        raise RecipeError(f"peft.method: only 'lora' is supported, got {p.method!r}")
+    from dhad.lora import TARGETS, LoraConfig, LoraError
+    bad = [t for t in p.targets if t not in TARGETS]
+    if bad or not p.targets:
+        raise RecipeError(f"peft.targets: names among {list(TARGETS)}, got {list(p.targets)}")
+    try:
+        LoraConfig(r=p.r, alpha=p.alpha, dropout=p.dropout, targets=tuple(p.targets), rslora=p.rslora, init=p.init)
+    except LoraError as e:
+        field_ = next((f for f in ("r", "alpha", "dropout", "targets", "init") if str(e).startswith(f)), "r")
+        raise RecipeError(f"peft.{field_}: {e}") from None
+    if p.quantize not in (None, "nf4"):
+        raise RecipeError(f"peft.quantize: must be nf4 or null, got {p.quantize!r}")
+    if p.quantize and r.distributed == "fsdp":
+        raise RecipeError("peft.quantize: nf4 (QLoRA) is a one-device method; FSDP shards float weights only "
+                          "(use distributed: none or ddp, or LoRA without quantize)")
+    if r.model.meta_init:
+        raise RecipeError("peft: model.meta_init is not supported (adapters are added to whole weights before sharding)")
+    if any(s.trainable != "all" for s in r.stages):
+        raise RecipeError("peft: stages[].trainable does not apply (only the adapters train); leave it 'all'")
 
 
 def shipped_recipes() -> list[Path]:

@@ -107,6 +107,8 @@ function buildRequest() {
   if (system) messages.push({ role: "system", content: system });
   messages.push(...history);
   const body = { messages, stream: true, stream_options: { include_usage: true } };
+  const model = $("model_pick").value;  // a LoRA adapter or the base model, when the server serves several
+  if (model) body.model = model;
   const params = {
     temperature: numberParam("temperature", parseFloat), top_p: numberParam("top_p", parseFloat),
     top_k: numberParam("top_k", (v) => parseInt(v, 10)), max_tokens: numberParam("max_tokens", (v) => parseInt(v, 10)),
@@ -208,7 +210,19 @@ function init() {
   $("stop").addEventListener("click", () => { if (controller) controller.abort(); });
   $("reset").addEventListener("click", () => { if (controller) controller.abort(); history = []; $("messages").replaceChildren(); });
   fetch("v1/models").then((r) => r.ok ? r.json() : null).then((j) => {
-    if (j && j.data && j.data[0]) $("model").textContent = j.data[0].id;
+    if (!j || !j.data || !j.data[0]) return;
+    $("model").textContent = j.data[0].id;
+    if (j.data.length > 1) {  // the base model and its LoRA adapters: let the user pick one
+      const pick = $("model_pick");
+      for (const m of j.data) {
+        const opt = document.createElement("option");
+        opt.value = m.id;
+        opt.textContent = m.parent ? m.id + " (LoRA · " + m.parent + ")" : m.id;
+        pick.appendChild(opt);
+      }
+      pick.addEventListener("change", () => { $("model").textContent = pick.value; });
+      $("model_row").hidden = false;
+    }
   }).catch(() => {});
 }
 
