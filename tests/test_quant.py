@@ -306,3 +306,36 @@ def test_eval_quantised_records_the_scheme(demo_dir, shared_data, tmp_path, caps
     assert rc == 0, capsys.readouterr().err
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["model"]["quantization"] == {"mode": "int8", "group_size": None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "jais"])
+def test_multi_lora_adapters_serve_over_a_quantised_base(kind):
+    """Serving LoRA adapters (dhad.multi_lora: forward hooks add B A x to a layer's output) over int8 / int4
+    layers: the logits of a float model holding the dequantised weights with the adapter merged by hand."""
+    from dhad.multi_lora import MultiLoRA, target_slot
+    m = quantize(tiny(kind), "int4", 32)
+    cfg, g = m.config, torch.Generator().manual_seed(1)
+    weights = {}
+    for layer in range(cfg.n_layer):
+        for t in ("qkv", "o", "gate_up", "down"):
+            mod, lo, hi = target_slot(cfg, t)
+            fin = cfg.n_inner if mod == "mlp.proj" else cfg.n_embd
+            weights[layer, t] = (torch.randn(4, fin, generator=g) * 0.1, torch.randn(hi - lo, 4, generator=g) * 0.1, 2.0)
+    merged = tiny(kind)
+    with torch.no_grad():
+        for n in linear_names(m):
+            merged.get_submodule(n).weight = torch.nn.Parameter(m.get_submodule(n).dequantize())
+        for (layer, t), (A, B, s) in weights.items():
+            mod, lo, hi = target_slot(cfg, t)
+            merged.h[layer].get_submodule(mod).weight[lo:hi] += s * B @ A
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
+    lora = MultiLoRA(m, {"a": weights})
+    with torch.no_grad():
+        base = m(ids)
+        with lora.batch([0, -1]):
+            out = m(ids)
+        ref = merged(ids)
+    lora.remove()
+    assert torch.equal(out[1], base[1])  # a row without an adapter: the quantised model
+    assert ((out[0] - ref[0]).norm() / ref[0].norm()).item() < 0.02
+    assert (out[0] - base[0]).abs().max() > 0.1  # the adapter does change the logits
