@@ -457,7 +457,7 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, d
                            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = str(to_dtype(dtype) if dtype else model.dtype).replace("torch.", "")
-    if scheme is not None:  # transformers refuses an unknown quant_method by name instead of misreading the weights
+    if scheme is not None:  # transformers cannot read it (it warns "Unknown quantization type, got dhad")
         cfg["quantization_config"] = {"quant_method": "dhad", **scheme}
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
            "pad_token_id": model.config.pad_token_id}
