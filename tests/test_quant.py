@@ -203,6 +203,19 @@ def test_quantised_checkpoint_round_trip(tmp_path, kind, mode, group):
         load_model(out, quantize=other[0], group_size=other[1])
 
 
+def test_a_bfloat16_model_quantises_and_round_trips(tmp_path):
+    save_model(tiny("jais"), tmp_path / "full")
+    ref = load_model(tmp_path / "full")
+    m = load_model(tmp_path / "full", dtype="bfloat16", quantize="int8")
+    assert m.wte.weight.dtype == m.h[0].attn.qkv.bias.dtype == torch.bfloat16
+    x = torch.randint(0, m.config.vocab_size, (2, 12))
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - ref(x)).norm() / ref(x).norm()).item() < 0.03
+    back = load_model(save_model(m, tmp_path / "q"), dtype="bfloat16")
+    assert torch.equal(back(x), y)
+
+
 def test_a_damaged_quantised_checkpoint_is_named(tmp_path):
     full = tmp_path / "full"
     save_model(tiny("llama"), full)
@@ -259,11 +272,16 @@ def test_cli_quantize_then_generate_without_a_flag(demo_dir, tmp_path, capsys):
     assert saved["text"] == flag["text"] and saved["new_tokens"] == 5
 
 
-def test_cli_flags_reach_the_model(demo_dir, capsys):
+def test_cli_flags_reach_the_model(demo_dir, capsys, monkeypatch):
+    import dhad.checkpoint as ckpt
+    made = []
+    real = ckpt.load_model
+    monkeypatch.setattr(ckpt, "load_model", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
     args = ["generate", "--model", str(demo_dir), "--prompt", "hi", "--max-new-tokens", "3", "--json"]
     assert main(args + ["--quantize", "int4", "--group-size", "32"]) == 0
-    q = json.loads(capsys.readouterr().out)
-    assert q["new_tokens"] == 3
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 3
+    assert made[-1].quantization == {"mode": "int4", "group_size": 32}
+    assert isinstance(made[-1].h[0].mlp.fc, Int4Linear)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -339,3 +357,21 @@ def test_multi_lora_adapters_serve_over_a_quantised_base(kind):
     assert torch.equal(out[1], base[1])  # a row without an adapter: the quantised model
     assert ((out[0] - ref[0]).norm() / ref[0].norm()).item() < 0.02
     assert (out[0] - base[0]).abs().max() > 0.1  # the adapter does change the logits
+
+
+def test_chat_cli_runs_quantised(demo_dir, monkeypatch, capsys):
+    """`dhad chat --quantize int4`: the session's model is int4 and answers as the int4 model does."""
+    import io
+
+    import dhad.serve.backend as backend_mod
+    from dhad.generate import generate_text
+    made = []
+    real = backend_mod.load_backend
+    monkeypatch.setattr(backend_mod, "load_backend", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/quit\n"))
+    assert main(["chat", "--model", str(demo_dir), "--quantize", "int4", "--group-size", "32",
+                 "--max-new-tokens", "20"]) == 0
+    assert made[0].engine.model.quantization == {"mode": "int4", "group_size": 32}
+    m = load_model(demo_dir, quantize="int4", group_size=32)
+    want = generate_text(m, dhad.load_tokenizer(demo_dir), [{"role": "user", "content": "hello"}], max_new_tokens=20)
+    assert capsys.readouterr().out.split("\n")[0] == want
