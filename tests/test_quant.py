@@ -264,6 +264,8 @@ def test_cli_quantize_then_generate_without_a_flag(demo_dir, tmp_path, capsys):
     assert main(["quantize", "--model", str(demo_dir), "--out", str(out), "--mode", "int8"]) == 0
     assert "MB of weights" in capsys.readouterr().err
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    assert main(["info", "--model", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stored_dtype"] == "int8"
     args = ["--prompt", "hello", "--max-new-tokens", "5", "--json"]
     assert main(["generate", "--model", str(out)] + args) == 0
     saved = json.loads(capsys.readouterr().out)
