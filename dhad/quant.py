@@ -46,6 +46,8 @@ class QuantError(ValueError):
 
 def check_scheme(mode: str, group_size: int | None = None) -> int | None:
     """Validate (mode, group_size); return the group size to use (None for int8)."""
+    if mode is None and group_size is not None:
+        raise QuantError("a group size needs quantize='int4'")
     if mode not in MODES:
         raise QuantError(f"unknown quantisation mode {mode!r}; use one of {list(MODES)}")
     if mode == "int8":

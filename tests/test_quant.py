@@ -17,7 +17,7 @@ from dhad.cli import main
 from dhad.config import Config
 from dhad.generate import SamplingParams, generate_ids
 from dhad.model import KVCache, Transformer
-from dhad.quant import (Int4Linear, Int8Linear, QuantError, dequantize_int4, dequantize_int8, linear_names,
+from dhad.quant import (Int4Linear, Int8Linear, QuantError, check_scheme, dequantize_int4, dequantize_int8, linear_names,
                         pack_nibbles, quantize, quantize_int4, quantize_int8, unpack_nibbles)
 
 pytestmark = pytest.mark.one_thread
@@ -119,6 +119,8 @@ def test_bad_schemes_give_clear_errors():
         quantize(m, "int4", group_size=48)
     with pytest.raises(QuantError, match="int8 .* takes no group size"):
         quantize(m, "int8", group_size=64)
+    with pytest.raises(QuantError, match="a group size needs quantize='int4'"):
+        check_scheme(None, 64)
     with pytest.raises(QuantError, match="group size 64 does not divide the layer's 80 input features"):
         quantize_int4(torch.randn(4, 80), 64)
     assert isinstance(m.lm_head, torch.nn.Linear)  # nothing was changed by the refused calls
