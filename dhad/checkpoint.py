@@ -211,11 +211,20 @@ class _TensorSource:
         self._handles.clear()
 
 
+def is_gguf_file(path) -> bool:
+    """A file that starts with GGUF's magic (any name: Ollama stores its models as sha256-... blobs)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def resolve_model_dir(path: str | os.PathLike, download: bool = False) -> Path:
     """A local model directory; with download=True a Hugging Face repo id is fetched (safetensors and
     JSON/tokenizer files only, never pickles) on a networked machine."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() or is_gguf_file(p) or (p.is_file() and p.suffix.lower() == ".gguf"):  # a GGUF file is a model
         return p
     if not download:
         raise FileNotFoundError(
@@ -289,11 +298,22 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
     (`dhad.quant`). A directory written from a quantised model (config.json `quantization_config`) loads
     quantised without the argument; asking it for another scheme is an error."""
     model_dir = resolve_model_dir(path, download=download)
+    if quantize is not None or group_size is not None:
+        group_size = quant.check_scheme(quantize, group_size)
+    if model_dir.is_file():  # a GGUF file (llama.cpp / Ollama), dequantised by dhad.gguf
+        if adapter is not None and quantize is not None:
+            raise quant.QuantError("a LoRA adapter on a quantised model is not supported")
+        from dhad.gguf import load_gguf
+        model = load_gguf(model_dir).to(device=device, dtype=to_dtype(dtype))
+        if quantize is not None:  # e.g. a q4_0 file from Ollama, run on dhad's int4 kernels
+            quant.quantize(model, quantize, group_size)
+        if adapter is not None:
+            from dhad.lora import load_adapter
+            load_adapter(model, adapter)
+        return model.eval()
     config = load_config(model_dir)
     dt = to_dtype(dtype)
     stored = quantization_of(model_dir)
-    if quantize is not None or group_size is not None:
-        group_size = quant.check_scheme(quantize, group_size)
     if adapter is not None and (quantize is not None or stored is not None):
         raise quant.QuantError("a LoRA adapter on a quantised model is not supported: merge it into the "
                                "full-precision model (dhad.lora.merge_lora), then quantise")

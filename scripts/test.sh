@@ -18,3 +18,11 @@ if [ -z "${DHAD_TEST_VLLM:-}" ] && [ "${CI:-}" = true ]; then want_vllm=1; fi
 if [ "$want_vllm" = 1 ]; then
   bash scripts/test-vllm.sh
 fi
+# dhad's GGUF export against a real llama.cpp (llama-cpp-python built from its source package in
+# .venv-llamacpp, plus its vendored convert_hf_to_gguf.py): on in CI, opt-in elsewhere with
+# DHAD_TEST_LLAMACPP=1 (DHAD_TEST_LLAMACPP=0 switches it off in CI too). The first run compiles llama.cpp.
+want_llamacpp=${DHAD_TEST_LLAMACPP:-0}
+if [ -z "${DHAD_TEST_LLAMACPP:-}" ] && [ "${CI:-}" = true ]; then want_llamacpp=1; fi
+if [ "$want_llamacpp" = 1 ]; then
+  bash scripts/test-llamacpp.sh
+fi

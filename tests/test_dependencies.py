@@ -38,7 +38,9 @@ def third_party_imports(root: Path) -> set[str]:
                 out |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 out.add(node.module.split(".")[0])
-    local = {"dhad", "conftest"} | {p.stem for p in root.glob("*.py")}
+    local = {"dhad", "conftest"}
+    if not (root / "__init__.py").exists():  # a folder of scripts may import its siblings by name; a package's
+        local |= {p.stem for p in root.glob("*.py")}  # modules are `dhad.x` (dhad/gguf.py uses the `gguf` package)
     return {m for m in out if m not in sys.stdlib_module_names and m not in local and m != "__future__"}
 
 
@@ -47,10 +49,14 @@ def _providers() -> dict[str, list[str]]:
     return md.packages_distributions()
 
 
+# optional packages not installed in .venv whose distribution name differs from the module's
+NOT_INSTALLED = {"llama_cpp": "llama-cpp-python"}  # own venv: scripts/test-llamacpp.sh
+
+
 def distribution(module: str) -> str:
     """The distribution that provides an importable top-level module (its own name when not installed)."""
     dists = _providers().get(module)
-    return norm(dists[0]) if dists else norm(module)
+    return norm(dists[0]) if dists else norm(NOT_INSTALLED.get(module, module))
 
 
 def declared(*extras: str) -> set[str]:

@@ -379,3 +379,16 @@ def test_chat_cli_runs_quantised(demo_dir, monkeypatch, capsys):
     m = load_model(demo_dir, quantize="int4", group_size=32)
     want = generate_text(m, dhad.load_tokenizer(demo_dir), [{"role": "user", "content": "hello"}], max_new_tokens=20)
     assert capsys.readouterr().out.split("\n")[0] == want
+
+
+def test_a_gguf_file_loads_quantised(demo_dir, tmp_path):
+    """`--quantize` on a GGUF (e.g. from Ollama): dequantised by dhad.gguf, then dhad's int8 / int4 layers."""
+    from dhad.gguf import export_gguf
+    f = export_gguf(load_model(demo_dir), dhad.load_tokenizer(demo_dir), tmp_path / "demo.gguf", type="f16")
+    ref = load_model(f)
+    m = load_model(f, quantize="int8")
+    assert m.quantization == {"mode": "int8", "group_size": None} and isinstance(m.lm_head, Int8Linear)
+    x = torch.randint(0, m.config.vocab_size, (1, 12))
+    assert ((m(x) - ref(x)).norm() / ref(x).norm()).item() < 0.02
+    with pytest.raises(QuantError, match="group size must be one of"):
+        load_model(f, quantize="int4", group_size=16)

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dhad.cli.train", "train from a YAML recipe (pretrain, adapt, sft, dpo)"),
     "plot": ("dhad.cli.plot", "plot a run's metrics (loss, lr, throughput) to PNG"),
     "eval": ("dhad.cli.eval", "log-likelihood benchmarks, MT-bench and Vicuna judging, DPO comparison"),
+    "export": ("dhad.cli.export", "export a model for other runtimes: GGUF for llama.cpp / Ollama"),
     "quantize": ("dhad.cli.quantize", "write a weight-only int8 / int4 quantised copy of a model"),
     "demo": ("dhad.cli.demo", "train a tiny bilingual demo chat model in seconds, to try serve and chat"),
     "speedrun": ("dhad.cli.speedrun", "build, evaluate and serve a small bilingual chat model end to end"),

@@ -34,7 +34,7 @@ def _stdin_lines(interactive: bool) -> Callable[[str], str | None]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
+    p.add_argument("--model", required=True, help="model directory (Hugging Face layout) or a GGUF file")
     p.add_argument("--download", action="store_true", help="treat --model as a Hugging Face repo id and download it")
     p.add_argument("--format", default=None, help="chat format: jais, jais-legacy, llama2, chatml "
                                                   "(default: the checkpoint's chat_template)")

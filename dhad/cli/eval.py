@@ -23,7 +23,7 @@ from dhad.cli import CLIError, add_quantize_arguments, quantize_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="dhad / Hugging Face model directory")
+    p.add_argument("--model", help="dhad / Hugging Face model directory, or a GGUF file")
     p.add_argument("--tasks", default=None, help="comma-separated task names or groups (arabic, english, all)")
     p.add_argument("--shots", type=int, default=0, help="few-shot examples (the harness's selection); default 0")
     p.add_argument("--limit", type=int, default=None, help="first N rows per (sub)task")

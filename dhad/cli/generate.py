@@ -14,7 +14,7 @@ from dhad.cli import add_quantize_arguments, quantize_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF layout: config.json, safetensors, tokenizer files)")
+    p.add_argument("--model", required=True, help="model directory (HF layout: config.json, safetensors, tokenizer files) or a GGUF file")
     p.add_argument("--prompt", help="prompt text (or '-' to read stdin)")
     p.add_argument("--messages", help="a JSON file or string with a chat conversation [{role, content}, ...]")
     p.add_argument("--chat", action="store_true", help="treat --prompt as a user message in the model's chat format")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF layout) or a preset name (e.g. jais-family-590m)")
+    p.add_argument("--model", required=True, help="model directory (HF layout), a GGUF file or a preset name (e.g. jais-family-590m)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -29,6 +29,11 @@ def model_info(model: str) -> dict:
         files = weight_files(path)
         disk = sum(f.stat().st_size for f in files)
         files = [f.relative_to(path).as_posix() for f in files]
+    elif path.is_file():  # a GGUF file (llama.cpp / Ollama)
+        from dhad.gguf import read_config
+        cfg, types = read_config(path)
+        stored = "gguf " + ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))
+        files, disk = [path.name], path.stat().st_size
     elif model in PRESETS:
         cfg, stored, files, disk = Config.from_name(model), "float32", [], 0
     else:

@@ -16,7 +16,7 @@ from dhad.cli import CLIError, add_quantize_arguments, quantize_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
+    p.add_argument("--model", required=True, help="model directory (Hugging Face layout) or a GGUF file")
     p.add_argument("--download", action="store_true",
                    help="treat --model as a Hugging Face repo id and download it (needs network)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

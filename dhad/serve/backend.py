@@ -59,7 +59,7 @@ def resolve_format(fmt=None, model_dir=None, tokenizer=None, config=None) -> pro
     tokenizer's chat_template, else the family's built-in format (Llama layout -> Llama-2 [INST])."""
     if fmt is not None:
         return prompts.get_format(fmt)
-    if model_dir is not None:
+    if model_dir is not None and Path(model_dir).is_dir():  # a GGUF file: its template is the tokenizer's
         return prompts.get_format(model_dir)
     from dhad.generate import default_format
     return default_format(config, tokenizer)

@@ -18,9 +18,9 @@ from dhad.tokenizer.core import (
     byte_level_decoder,
     byte_level_encoder,
     check_config_ids,
-    load_tokenizer,
     special_ids_of,
 )
+from dhad.tokenizer.core import load_tokenizer as _load_tokenizer_files
 from dhad.tokenizer.extend import ExtendReport, extend_tokenizer, is_arabic_char, learn_donor
 from dhad.tokenizer.stats import TokenStats, format_stats_table, plot_stats, token_stats
 from dhad.tokenizer.train import (
@@ -45,3 +45,17 @@ __all__ = [
     "ArabicNormalization", "Source", "build_bpe_tokenizer", "default_chat_template", "mix_sources", "parse_sources",
     "pretokenizer_pattern", "read_texts", "train_bpe", "train_sentencepiece", "train_tokenizer",
 ]
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """A tokenizer from a model/tokenizer directory, a tokenizer.json or tokenizer.model
+    (`dhad.tokenizer.core.load_tokenizer`), or a GGUF file's metadata (`dhad.tokenizer.gguf_vocab`)."""
+    from pathlib import Path
+    p = Path(path)
+    if p.is_file() and p.suffix not in (".json", ".model"):
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF" or p.suffix.lower() == ".gguf":  # any name: Ollama's blobs are sha256-...
+            from dhad.tokenizer.gguf_vocab import load_gguf_tokenizer
+            return load_gguf_tokenizer(p)
+    return _load_tokenizer_files(path)
