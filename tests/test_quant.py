@@ -392,3 +392,10 @@ def test_a_gguf_file_loads_quantised(demo_dir, tmp_path):
     assert ((m(x) - ref(x)).norm() / ref(x).norm()).item() < 0.02
     with pytest.raises(QuantError, match="group size must be one of"):
         load_model(f, quantize="int4", group_size=16)
+
+
+def test_serve_cli_quantize_errors(demo_dir, capsys):
+    assert main(["serve", "--model", str(demo_dir), "--engine", "vllm", "--quantize", "int8"]) == 2
+    assert "--quantize is for the native engine" in capsys.readouterr().err
+    assert main(["serve", "--model", str(demo_dir), "--quantize", "int4", "--group-size", "100"]) == 2
+    assert "group size must be one of [32, 64, 128], got 100" in capsys.readouterr().err
