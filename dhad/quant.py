@@ -5,8 +5,9 @@
     quantize(model, "int4", group_size=64)   # group-wise asymmetric int4 (groups of 32 / 64 / 128 along K)
 
 Every `nn.Linear` of the blocks (the fused q|k|v and gate|up projections included) is replaced by an
-`Int8Linear` / `Int4Linear`; the LM head is always int8 (`HEAD_MODE`: in int4 it cost a Jais model 9x the
-perplexity of all its other layers, measured in docs/quantization.md, and the int8 kernel is as fast).
+`Int8Linear` / `Int4Linear`; the LM head is always int8 (`HEAD_MODE`: in int4 it was most of a Jais model's
+int4 perplexity loss, +0.99 % against +0.15 % with an int8 head, docs/quantization.md; the int8 kernel is
+about as fast).
 Embeddings, norms and biases keep the model's dtype; a tied head becomes its own int8 copy (the embedding
 table stays: a lookup reads one row a token).
 
@@ -22,8 +23,8 @@ row and group: tinygemm's convention). The scales are rounded to bfloat16 before
 `dequantize` gives the weights the kernel multiplies by, bit for bit.
 
 Checkpoints (`state_dict`): `<name>.weight` int8 [N, K] + `<name>.scales` [N] (int8), or
-`<name>.weight` uint8 [N, K/2] (two codes a byte, column 2j in the low nibble, 2j+1 in the high one)
-+ `<name>.scales` / `<name>.zeros` [N, K / group] (int4). The int4 kernel's packed layout depends on
+`<name>.weight` uint8 [N, Kp/2] (two codes a byte, column 2j in the low nibble, 2j+1 in the high one)
++ `<name>.scales` / `<name>.zeros` [N, Kp / group] (int4; Kp: K padded to whole groups). The int4 kernel's packed layout depends on
 the device and is made when the layer is built; `Int4Linear.codes()` reads the codes back through the
 kernel itself, so no second copy of the weights is kept.
 """
