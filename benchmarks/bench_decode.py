@@ -14,9 +14,11 @@ greedy decoding with EOS disabled so every run produces exactly the asked number
 3. time to first token p50 / p99 under that load.
 4. with --vllm: the same S-stream load through `--engine vllm` (dhad's VLLMEngine over vLLM's
    LLMEngine), so the native engine is compared with vLLM on the same weights and dtype.
+5. (unless --no-quant) batch-1 decode of the same weights quantised by dhad.quant, int8 per channel and
+   int4 (--group-size), eager and compiled, against dhad at --dtype: goals int8 >= 1.8x, int4 >= 2.5x.
 
     .venv/bin/python benchmarks/bench_decode.py [--new-tokens 64] [--streams 32] [--dtype float32] [--device cpu]
-        [--threads 1] [--hidden 256 --layers 4 --vocab 8192] [--json results.jsonl]
+        [--threads 1] [--hidden 256 --layers 4 --vocab 8192] [--no-quant] [--group-size 64] [--json results.jsonl]
 """
 from __future__ import annotations
 
@@ -82,6 +84,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--json", help="append the results as one JSON line to this file")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled contestants")
+    ap.add_argument("--no-quant", action="store_true", help="skip the int8 / int4 contestants")
+    ap.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
     ap.add_argument("--vllm", action="store_true",
                     help="also run the S-stream load through --engine vllm (needs vLLM, e.g. its CPU build: "
                          "see tests/test_vllm_real.py for the environment)")
@@ -131,9 +135,23 @@ def main():
     gens = {"hf": hf_gen, "dhad": dhad_gen}
     if not a.no_compile:
         gens.update({"hf_compiled": hf_gen_compiled, "dhad_compiled": dhad_gen_compiled})
+    quant = {}
+    if not a.no_quant:  # 5. the same weights, weight-only quantised
+        for mode in ("int8", "int4"):
+            qm = quant[mode] = dhad.load_model(d, dtype=a.dtype, device=a.device, quantize=mode,
+                                               group_size=a.group_size if mode == "int4" else None)
+            gens[f"dhad_{mode}"] = (lambda m: lambda n: generate_ids(
+                m, prompt, SamplingParams(max_new_tokens=n, eos_token_id=())))(qm)
+            if not a.no_compile:
+                gens[f"dhad_{mode}_compiled"] = (lambda m: lambda n: generate_ids(
+                    m, prompt, SamplingParams(max_new_tokens=n, eos_token_id=()), compile=True))(qm)
     # same greedy tokens (sanity: all are decoding the same model)
     want = hf_gen(16)[0, a.prompt_len:].tolist()
-    same = all((g(16)[0, a.prompt_len:].tolist() if k.startswith("hf") else g(16)[0]) == want for k, g in gens.items())
+    same = all((g(16)[0, a.prompt_len:].tolist() if k.startswith("hf") else g(16)[0]) == want for k, g in gens.items()
+               if not k.startswith(("dhad_int8", "dhad_int4")))
+    # quantised models decode other weights: how many of the first 16 greedy tokens match float's
+    q_same = {k: sum(x == y for x, y in zip(g(16)[0], want)) for k, g in gens.items()
+              if k.startswith(("dhad_int8", "dhad_int4"))}
     rates = decode_rates(gens, a.new_tokens, a.repeats)
     r_hf, r_dh = rates["hf"], rates["dhad"]
     print(f"[1] batch-1 decode: transformers generate {r_hf:8.1f} tok/s | dhad generate {r_dh:8.1f} tok/s | "
@@ -144,6 +162,17 @@ def main():
               f"{r_dhc:8.1f} tok/s\n"
               f"    ratios: dhad compiled / transformers eager {r_dhc / r_hf:.2f}x (goal >= 2x) | "
               f"dhad compiled / transformers compiled {r_dhc / r_hfc:.2f}x")
+
+    for mode in quant:
+        r_q = rates[f"dhad_{mode}"]
+        line = (f"[5] {mode}{f' (group {a.group_size})' if mode == 'int4' else ''}: dhad eager {r_q:8.1f} tok/s, "
+                f"{r_q / r_dh:.2f}x dhad {a.dtype} eager")
+        if not a.no_compile:
+            r_qc = rates[f"dhad_{mode}_compiled"]
+            line += f" | compiled {r_qc:8.1f} tok/s, {r_qc / rates['dhad_compiled']:.2f}x dhad {a.dtype} compiled"
+        goal = {"int8": 1.8, "int4": 2.5}[mode]
+        print(line + f" (goal >= {goal}x; first 16 greedy tokens equal to {a.dtype}'s: "
+              f"{q_same[f'dhad_{mode}']}/16)")
 
     # 2. engine: S concurrent streams vs 1
     prompts = [torch.randint(3, a.vocab, (a.prompt_len,)).tolist() for _ in range(a.streams)]
@@ -188,7 +217,9 @@ def main():
                                 **{f"{k}_tok_s": v for k, v in rates.items() if k.endswith("compiled")},
                                 "engine_1_tok_s": r_one, "engine_many_tok_s": r_many, "streams": a.streams,
                                 "aggregate_ratio": r_many / r_one, "ttft_p50_ms": statistics.median(ttft),
-                                "ttft_p99_ms": pct(ttft, 99), "same_greedy": same, "vllm_many_tok_s": r_vllm}) + "\n")
+                                "ttft_p99_ms": pct(ttft, 99), "same_greedy": same, "vllm_many_tok_s": r_vllm,
+                                **{f"{k}_tok_s": v for k, v in rates.items() if k.startswith(("dhad_int8", "dhad_int4"))},
+                                "int4_group_size": a.group_size if quant else None}) + "\n")
 
 
 if __name__ == "__main__":

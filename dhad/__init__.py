@@ -1,8 +1,8 @@
 """dhad: the bilingual Arabic-English LLM systems of the Jais family and ALLaM model cards, end to end.
 
 Public API (stable names):
-    load_model(path, dtype="float32", device="cpu", adapter=None) -> Transformer (eval mode; adapter: a
-                                                    LoRA adapter dir in PEFT's format, applied unmerged)
+    load_model(path, dtype="float32", device="cpu", adapter=None, quantize=None) -> Transformer (eval mode;
+        adapter: a LoRA adapter dir in PEFT's format, applied unmerged; quantize: "int8" / "int4" weight-only)
     save_model(model, out_dir, ...)                 -> HF-layout directory (safetensors)
     load_tokenizer(path)                            -> Tokenizer with encode/decode
     generate(model, tok, prompt_or_messages, **generation parameters) -> str

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dhad import quant
 from dhad.config import Config
 from dhad.model import Transformer
 from dhad.utils import atomic_write_text as _atomic_write_text
@@ -271,21 +272,59 @@ def _read_tensors(model_dir: Path, config, expected: dict[str, tuple]) -> Iterat
         src.close()
 
 
+def quantization_of(model_dir: str | os.PathLike) -> dict | None:
+    """{"mode", "group_size"} when config.json records a dhad weight-only quantisation, else None."""
+    p = Path(model_dir) / "config.json"
+    try:
+        qc = json.loads(p.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None  # load_config reports a bad config.json
+    if qc is None:
+        return None
+    if not isinstance(qc, dict) or qc.get("quant_method") != "dhad":
+        raise CheckpointError(f"{p}: quantization_config {qc!r} is not one dhad reads (quant_method 'dhad'); "
+                              "GPTQ/AWQ/bitsandbytes checkpoints are not supported")
+    return {"mode": qc.get("mode"), "group_size": qc.get("group_size")}
+
+
 def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download: bool = False,
-               adapter: str | os.PathLike | None = None) -> Transformer:
+               adapter: str | os.PathLike | None = None, quantize: str | None = None,
+               group_size: int | None = None) -> Transformer:
     """Load a Jais- or Llama-layout HF model directory into a dhad Transformer (eval mode).
     adapter: a LoRA adapter directory in PEFT's format (dhad- or PEFT-trained), applied unmerged
-    (`dhad.lora.load_adapter`; `dhad.lora.merge_lora` folds it in)."""
+    (`dhad.lora.load_adapter`; `dhad.lora.merge_lora` folds it in).
+
+    quantize: "int8" or "int4" (group_size 32 / 64 / 128, default 64) quantises the linears after loading
+    (`dhad.quant`). A directory written from a quantised model (config.json `quantization_config`) loads
+    quantised without the argument; asking it for another scheme is an error."""
     model_dir = resolve_model_dir(path, download=download)
+    if quantize is not None or group_size is not None:
+        group_size = quant.check_scheme(quantize, group_size)
     if model_dir.is_file():  # a GGUF file (llama.cpp / Ollama), dequantised by dhad.gguf
+        if adapter is not None and quantize is not None:
+            raise quant.QuantError("a LoRA adapter on a quantised model is not supported")
         from dhad.gguf import load_gguf
         model = load_gguf(model_dir).to(device=device, dtype=to_dtype(dtype))
+        if quantize is not None:  # e.g. a q4_0 file from Ollama, run on dhad's int4 kernels
+            quant.quantize(model, quantize, group_size)
         if adapter is not None:
             from dhad.lora import load_adapter
             load_adapter(model, adapter)
         return model.eval()
     config = load_config(model_dir)
     dt = to_dtype(dtype)
+    stored = quantization_of(model_dir)
+    if adapter is not None and (quantize is not None or stored is not None):
+        raise quant.QuantError("a LoRA adapter on a quantised model is not supported: merge it into the "
+                               "full-precision model (dhad.lora.merge_lora), then quantise")
+    if stored is not None:
+        if quantize is not None and (quantize, group_size) != (stored["mode"], stored["group_size"]):
+            raise quant.QuantError(f"{model_dir} is already quantised ({stored['mode']}, group size "
+                                   f"{stored['group_size']}); load it without quantize= or start from the "
+                                   "full-precision model")
+        model = _load_quantized(model_dir, config, dt, device, stored)
+        _check_tokenizer_ids(model_dir, config)
+        return model.eval()
     with torch.device("meta"):
         model = Transformer(config)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -296,11 +335,41 @@ def load_model(path: str | os.PathLike, dtype="float32", device="cpu", download:
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     model.reset_buffers()  # the non-persistent buffers are still on the meta device
+    if quantize is not None:
+        quant.quantize(model, quantize, group_size)
     _check_tokenizer_ids(model_dir, config)
     if adapter is not None:
         from dhad.lora import load_adapter
         load_adapter(model, adapter)
     return model.eval()
+
+
+def _load_quantized(model_dir: Path, config: Config, dt: torch.dtype, device, scheme: dict) -> Transformer:
+    """A checkpoint saved from a quantised model: dhad's parameter names, quantised linears as
+    `dhad.quant` stores them, everything else in floating point (cast to ``dt``)."""
+    src = _TensorSource(model_dir)
+    try:
+        state = {k: src.get(k) for k in src.where}
+    finally:
+        src.close()
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:
+        quant.load_quantized_state(model, state, scheme["mode"], scheme["group_size"], device=device)
+    except quant.QuantError as e:
+        raise CheckpointError(f"{model_dir}: {e}") from None
+    state = {k: t.to(device=device, dtype=dt) for k, t in state.items()}
+    try:
+        res = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{model_dir}: tensors do not match the config for a quantised model: {e}") from None
+    quantized = tuple(n + "." for n in quant.linear_names(model))  # already in place
+    missing = [k for k in res.missing_keys if not k.startswith(quantized)]
+    if missing or res.unexpected_keys:
+        raise CheckpointError(f"{model_dir}: quantised checkpoint does not match its config: missing "
+                              f"{missing[:5]}, unexpected {res.unexpected_keys[:5]}")
+    model.reset_buffers()
+    return model
 
 
 def _check_tokenizer_ids(model_dir: Path, config) -> None:
@@ -351,6 +420,18 @@ def hf_state_dict(model: Transformer, dtype=None) -> Iterator[tuple[str, torch.T
             yield n, x.contiguous()
 
 
+def _quantized_state_dict(model: Transformer, dtype=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a quantised model under dhad's own parameter names: the quantised linears as
+    `dhad.quant` stores them (codes and bfloat16 scales, never cast), the rest cast to ``dtype``."""
+    dt = to_dtype(dtype) if dtype is not None else None
+    quantized = tuple(n + "." for n in quant.linear_names(model))
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if dt is not None and t.is_floating_point() and not name.startswith(quantized):
+            t = t.to(dt)
+        yield name, t.cpu().contiguous()
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -370,7 +451,8 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, d
     limit = _parse_size(max_shard_size) if max_shard_size else None
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name, t in hf_state_dict(model, dtype):
+    scheme = quant.scheme_of(model)
+    for name, t in (hf_state_dict(model, dtype) if scheme is None else _quantized_state_dict(model, dtype)):
         nbytes = t.numel() * t.element_size()
         if limit and shards[-1] and size + nbytes > limit:
             shards.append({})
@@ -395,6 +477,8 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, d
                            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = str(to_dtype(dtype) if dtype else model.dtype).replace("torch.", "")
+    if scheme is not None:  # transformers cannot read it (it warns "Unknown quantization type, got dhad")
+        cfg["quantization_config"] = {"quant_method": "dhad", **scheme}
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
            "pad_token_id": model.config.pad_token_id}
     if tokenizer is not None:  # the special ids the tokenizer (and the shards it made) use win

@@ -19,7 +19,7 @@ DHAD = Path(__file__).resolve().parents[1] / "dhad"
 # Bottom to top. {group: module prefixes}; the longest matching prefix names a module's group.
 LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"base": ("dhad.utils", "dhad.config", "dhad.prompts", "dhad.tokenizer")},
-    {"model": ("dhad.model", "dhad.kv_cache", "dhad.checkpoint", "dhad.adapt", "dhad.lora", "dhad.gguf"),
+    {"model": ("dhad.model", "dhad.kv_cache", "dhad.checkpoint", "dhad.adapt", "dhad.lora", "dhad.gguf", "dhad.quant"),
      "data": ("dhad.data",)},                                  # beside the model: data never imports it
     {"generate": ("dhad.generate", "dhad.engine", "dhad.engine_api", "dhad.vllm_engine", "dhad.multi_lora",
                   "dhad",)},                                   # `dhad` itself: the public API (it exposes generate)

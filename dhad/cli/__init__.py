@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("dhad.cli.plot", "plot a run's metrics (loss, lr, throughput) to PNG"),
     "eval": ("dhad.cli.eval", "log-likelihood benchmarks, MT-bench and Vicuna judging, DPO comparison"),
     "export": ("dhad.cli.export", "export a model for other runtimes: GGUF for llama.cpp / Ollama"),
+    "quantize": ("dhad.cli.quantize", "write a weight-only int8 / int4 quantised copy of a model"),
     "demo": ("dhad.cli.demo", "train a tiny bilingual demo chat model in seconds, to try serve and chat"),
     "speedrun": ("dhad.cli.speedrun", "build, evaluate and serve a small bilingual chat model end to end"),
 }
@@ -36,6 +37,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class CLIError(Exception):
     """An error the user caused (bad path, bad argument): printed without a traceback, exit 2."""
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    """--quantize / --group-size for the commands that load a model to run it (see docs/quantization.md)."""
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantisation of the linears after loading: int8 (per channel) or int4 "
+                        "(group-wise); a directory written by `dhad quantize` is quantised without it")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default) or 128")
+
+
+def quantize_kwargs(args) -> dict:
+    """{"quantize", "group_size"} for dhad.load_model from --quantize / --group-size (checked here)."""
+    from dhad.quant import QuantError, check_scheme
+    if args.quantize is None:
+        if args.group_size is not None:
+            raise CLIError("--group-size needs --quantize int4")
+        return {}
+    try:
+        return {"quantize": args.quantize, "group_size": check_scheme(args.quantize, args.group_size)}
+    except QuantError as e:
+        raise CLIError(f"--quantize {args.quantize} --group-size {args.group_size}: {e}") from None
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

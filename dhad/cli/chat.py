@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Callable
 
-from dhad.cli import CLIError
+from dhad.cli import CLIError, add_quantize_arguments, quantize_kwargs
 from dhad.generate import SAMPLING_PRESETS, SamplingParams
 
 
@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
+    add_quantize_arguments(p)
 
 
 def run(args) -> int:
@@ -59,9 +60,10 @@ def run(args) -> int:
     from dhad.checkpoint import CheckpointError
     from dhad.serve.backend import load_backend
 
+    quant = quantize_kwargs(args)
     try:
         backend = load_backend(args.model, dtype=args.dtype, device=args.device, fmt=args.format, max_batch_size=1,
-                               max_queue=2, download=args.download)
+                               max_queue=2, download=args.download, **quant)
     except (OSError, ValueError, RuntimeError, CheckpointError) as e:
         raise CLIError(str(e)) from None
     given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",

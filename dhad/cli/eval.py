@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from dhad.cli import CLIError
+from dhad.cli import CLIError, add_quantize_arguments, quantize_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, default=16384, help="token budget of one forward pass")
     p.add_argument("--max-rows", type=int, default=64, help="rows of one forward pass")
     p.add_argument("--list", action="store_true", help="list the tasks and exit")
+    add_quantize_arguments(p)
     sub = p.add_subparsers(dest="action", metavar="{table,mt-bench,vicuna,compare}")
     t = sub.add_parser("table", help="the cards' tables (Markdown + PNG bar chart) from saved results")
     t.add_argument("results", nargs="+", help="results.json files or the directories holding them "
@@ -163,7 +164,7 @@ def _list() -> int:
     return 0
 
 
-def _load(model_dir, dtype, device, download: bool = False):
+def _load(model_dir, dtype, device, download: bool = False, quant: dict | None = None):
     import dhad
     from dhad.checkpoint import resolve_model_dir
     if not model_dir:
@@ -172,7 +173,7 @@ def _load(model_dir, dtype, device, download: bool = False):
         raise CLIError(f"model directory not found: {model_dir} (a Hugging Face repo id needs --download)")
     try:
         model_dir = resolve_model_dir(model_dir, download=download)
-        return dhad.load_model(model_dir, dtype=dtype, device=device), dhad.load_tokenizer(model_dir)
+        return dhad.load_model(model_dir, dtype=dtype, device=device, **(quant or {})), dhad.load_tokenizer(model_dir)
     except Exception as e:  # noqa: BLE001 - a broken checkpoint, an offline download: user errors here
         raise CLIError(f"could not load {model_dir}: {e}") from None
 
@@ -199,7 +200,7 @@ def _loglik(args) -> int:
         T.get_task(name)
     if not args.hub and any(t.name not in files for t in tasks):
         T.resolve_data_dir(args.data)
-    model, tok = _load(args.model, args.dtype, args.device, args.download)
+    model, tok = _load(args.model, args.dtype, args.device, args.download, quantize_kwargs(args))
     records: list = []
     res = runner.evaluate(model, tok, tasks, shots=args.shots, limit=args.limit, data_dir=args.data, hub=args.hub,
                           batch_tokens=args.batch_tokens, max_rows=args.max_rows, model_path=args.model,

@@ -10,6 +10,8 @@ import json
 import sys
 import time
 
+from dhad.cli import add_quantize_arguments, quantize_kwargs
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (HF layout: config.json, safetensors, tokenizer files) or a GGUF file")
@@ -32,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON record (text, ids, timing)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (seconds up front, faster tokens after)")
+    add_quantize_arguments(p)
 
 
 def run(args) -> int:
@@ -43,8 +46,9 @@ def run(args) -> int:
     if not args.prompt and not args.messages:
         raise CLIError("give --prompt TEXT or --messages JSON")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    quant = quantize_kwargs(args)
     try:
-        model = load_model(args.model, dtype=args.dtype, download=args.download)
+        model = load_model(args.model, dtype=args.dtype, download=args.download, **quant)
         tok = load_tokenizer(model_dir(args.model, args.download))
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         raise CLIError(str(e)) from None

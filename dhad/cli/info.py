@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def model_info(model: str) -> dict:
     """The facts `dhad info` prints. A directory must hold a valid config.json and safetensors weights:
     ConfigError / CheckpointError (ValueError for a name that is neither) otherwise."""
-    from dhad.checkpoint import load_config, memory_needed, weight_files
+    from dhad.checkpoint import load_config, memory_needed, quantization_of, weight_files
     from dhad.config import PRESETS, Config
 
     path = Path(model)
@@ -23,6 +23,9 @@ def model_info(model: str) -> dict:
             raise ValueError(f"{path} has no config.json: not a model directory")
         cfg = load_config(path)
         stored = json.loads((path / "config.json").read_text(encoding="utf-8")).get("torch_dtype", "float32")
+        quant = quantization_of(path)
+        if quant:  # a `dhad quantize` copy: the weights are int8 / int4 codes
+            stored = f"{quant['mode']}" + (f" (group size {quant['group_size']})" if quant["group_size"] else "")
         files = weight_files(path)
         disk = sum(f.stat().st_size for f in files)
         files = [f.relative_to(path).as_posix() for f in files]

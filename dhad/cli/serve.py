@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from dhad.cli import CLIError
+from dhad.cli import CLIError, add_quantize_arguments, quantize_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: float32 natively, the checkpoint's on vLLM)")
     p.add_argument("--device", default="cpu")
+    add_quantize_arguments(p)
     p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch (then 429)")
     p.add_argument("--max-new-tokens-limit", type=int, default=4096,
@@ -117,6 +118,9 @@ def run(args) -> int:
     if engine_args and args.engine != "vllm":
         raise CLIError("--vllm-arg needs --engine vllm")
     api_key = args.api_key if args.api_key is not None else (os.environ.get("DHAD_API_KEY") or None)
+    quant = quantize_kwargs(args)
+    if quant and args.engine != "native":
+        raise CLIError("--quantize is for the native engine (vLLM has its own quantisation options: --vllm-arg)")
 
     import uvicorn
 
@@ -128,7 +132,7 @@ def run(args) -> int:
         backend = load_backend(args.model, dtype=args.dtype, device=args.device, engine=args.engine, fmt=args.format,
                                model_name=args.served_model_name, max_batch_size=args.max_batch_size,
                                max_queue=args.max_queue, max_new_tokens_limit=args.max_new_tokens_limit,
-                               download=args.download, engine_args=engine_args, adapters=adapters)
+                               download=args.download, engine_args=engine_args, adapters=adapters, **quant)
     # missing directory, bad checkpoint / tokenizer / format, vLLM not installed
     except (OSError, ValueError, RuntimeError, CheckpointError) as e:
         raise CLIError(str(e)) from None

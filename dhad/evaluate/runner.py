@@ -225,7 +225,8 @@ def _model_info(model, path) -> dict:
     cfg = model.config
     info = {"path": str(path) if path else None, "name": Path(path).name if path else None,
             "params": model.num_params() if hasattr(model, "num_params") else None,
-            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device)}
+            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
+            "quantization": getattr(model, "quantization", None)}  # dhad.quant's scheme, None when plain
     for k in ("hf_layout", "position", "n_layer", "n_embd", "vocab_size", "block_size"):
         info[k] = getattr(cfg, k, None)
     return info

@@ -132,11 +132,12 @@ def load_backend(model_dir, *, dtype: str | None = None, device: str = "cpu", en
                  fmt=None, model_name: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
                  max_new_tokens_limit: int = 4096, max_seq_len: int | None = None,
                  download: bool = False, engine_args: dict | None = None,
-                 adapters: dict | None = None) -> Backend:
+                 adapters: dict | None = None, quantize: str | None = None, group_size: int | None = None) -> Backend:
     """Load a model directory (``download``: a Hugging Face repo id, fetched) and build (not start) its engine.
     ``dtype`` None: float32 for the native engine, the checkpoint's for vLLM. ``engine_args``: extra
     `vllm.EngineArgs` (e.g. tensor_parallel_size, gpu_memory_utilization), vLLM only. ``adapters``:
-    ``{name: directory}`` of LoRA adapters in PEFT's format, served beside the base model under those names."""
+    ``{name: directory}`` of LoRA adapters in PEFT's format, served beside the base model under those names.
+    ``quantize`` / ``group_size``: weight-only quantisation (`dhad.load_model`), native engine only."""
     from dhad.checkpoint import resolve_model_dir
     from dhad.engine import make_engine
     from dhad.tokenizer import load_tokenizer
@@ -151,13 +152,15 @@ def load_backend(model_dir, *, dtype: str | None = None, device: str = "cpu", en
         if engine_args:
             raise ValueError(f"engine arguments {sorted(engine_args)} are for --engine vllm")
         from dhad.checkpoint import load_model
-        model = load_model(d, dtype=dtype or "float32", device=device)
+        model = load_model(d, dtype=dtype or "float32", device=device, quantize=quantize, group_size=group_size)
         lora = None
         if adapters:
             from dhad.multi_lora import MultiLoRA
             lora = MultiLoRA.from_dirs(model, adapters)
         eng = make_engine(model, tok, "native", adapters=lora, **kw)
     else:
+        if quantize is not None or group_size is not None:
+            raise ValueError("quantize= is for the native engine; vLLM takes its own (engine_args quantization=...)")
         if adapters:
             kw["adapters"] = adapters
         eng = make_engine(d, tok, engine, dtype=dtype or "auto", **kw, **(engine_args or {}))
