@@ -219,9 +219,11 @@ def command(session: ChatSession, text: str, out: TextIO) -> bool:
     return True
 
 
-def repl(session: ChatSession, next_line: Callable[[str], str | None], out: TextIO = sys.stdout,
-         err: TextIO = sys.stderr) -> int:
-    """The chat loop: read a message, run a command or stream the answer, until EOF or /quit."""
+def repl(session: ChatSession, next_line: Callable[[str], str | None], out: TextIO | None = None,
+         err: TextIO | None = None) -> int:
+    """The chat loop: read a message, run a command or stream the answer, until EOF or /quit.
+    ``out`` / ``err`` default to the sys.stdout / sys.stderr of the call (not of the import)."""
+    out, err = out or sys.stdout, err or sys.stderr
     def write(s: str) -> None:
         out.write(s)
         out.flush()
