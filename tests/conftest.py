@@ -205,3 +205,22 @@ def pytest_runtest_teardown(item, nextitem):
                              f" ({THREAD_GRACE_S:g} s after teardown) -- stop and join them "
                              "(engine.shutdown(), server.stop(), executor.shutdown())")
     return result
+
+
+@pytest.fixture(scope="session")
+def wait_healthy():
+    """``wait(url, proc, timeout, log)``: poll ``url``/health until it answers 200; fail with ``log()``
+    (the server's output) if the server process exits or ``timeout`` seconds pass first."""
+    import httpx
+
+    def wait(url: str, proc, timeout: float = 90, log=lambda: "") -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log()
+            time.sleep(0.1)
+    return wait

@@ -667,7 +667,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_cli_graceful_shutdown(demo_dir):
+def test_serve_cli_graceful_shutdown(demo_dir, wait_healthy):
     port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # a 64-wide model: one thread is plenty
     proc = subprocess.Popen([sys.executable, "-m", "dhad", "serve", "--model", str(demo_dir), "--port", str(port)],
@@ -677,15 +677,7 @@ def test_serve_cli_graceful_shutdown(demo_dir):
     reader.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(log)
-            time.sleep(0.1)
+        wait_healthy(url, proc, 90, lambda: "".join(log))
         body = {"prompt": "Hello", "max_tokens": 500, "min_tokens": 500, "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
@@ -733,7 +725,7 @@ def test_serve_cli_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_small_requests_stay_fast_while_huge_bodies_arrive(demo_dir, tmp_path):
+def test_small_requests_stay_fast_while_huge_bodies_arrive(demo_dir, tmp_path, wait_healthy):
     """64 clients send 2-token requests to a `dhad serve` process for 30 s while 64 MB bodies (refused with
     413 from their Content-Length) and 5 MB bodies (refused before tokenising: too many characters) arrive:
     every small request is answered, each 413 comes within 1 s, and p99 latency stays under 1 s. (Before:
@@ -806,15 +798,7 @@ def test_small_requests_stay_fast_while_huge_bodies_arrive(demo_dir, tmp_path):
         return lat[int(len(lat) * 0.99)]
 
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_healthy(url, proc, 120, lambda: log.read_text())
         c0, w0 = server_cpu_s(), time.monotonic()
         base = asyncio.run(run(5))
         c1, w1 = server_cpu_s(), time.monotonic()

@@ -57,7 +57,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(demo_dir, tmp_path_factory):
+def served(demo_dir, tmp_path_factory, wait_healthy):
     """`dhad serve` on the demo model, in its own process (as a deployment runs it)."""
     port = _free_port()
     log = tmp_path_factory.mktemp("fuzz") / "serve.log"
@@ -68,15 +68,7 @@ def served(demo_dir, tmp_path_factory):
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
-            time.sleep(0.1)
+        wait_healthy(url, proc, 120, lambda: log.read_text(errors="replace"))
         yield url, log
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -417,14 +417,13 @@ def test_adapters_apply_to_the_batching_thread_only_and_fit_the_layout(tmp_path)
         MultiLoRA.from_dirs(model, {"j": d})
 
 
-def test_serve_cli_with_adapters(setup):
+def test_serve_cli_with_adapters(setup, wait_healthy):
     """`dhad serve --adapter NAME=DIR` end to end, in its own process: the adapters are model ids, and a
     completion through one equals the in-process engine's (itself checked against PEFT above)."""
     import os
     import socket
     import subprocess
     import sys
-    import time
 
     import httpx
     with socket.socket() as s:
@@ -438,15 +437,7 @@ def test_serve_cli_with_adapters(setup):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.1)
+        wait_healthy(url, proc, 90, lambda: proc.stdout.read() if proc.poll() else "")
         assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["base", "alpha", "beta"]
         r = httpx.post(url + "/v1/completions", timeout=60,
                        json={"model": "beta", "prompt": "abc", "max_tokens": N_NEW, "temperature": 0}).json()
