@@ -154,12 +154,19 @@ runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
 """
 
 
+def converted_q8_0(d, root) -> Path:
+    """llama.cpp's own `convert_hf_to_gguf.py --outtype q8_0` of the HF checkpoint ``d`` (made once per case)."""
+    ref = root / "ref-q8_0.gguf"
+    if not ref.exists():
+        r = subprocess.run([sys.executable, "-c", CONVERT, SRC, str(d), "--outtype", "q8_0", "--outfile", str(ref)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return ref
+
+
 def test_q8_0_tensors_byte_equal_to_convert_hf_to_gguf(case):
     kind, d, tok, root = case
-    ref = root / "ref-q8_0.gguf"
-    r = subprocess.run([sys.executable, "-c", CONVERT, SRC, str(d), "--outtype", "q8_0", "--outfile", str(ref)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ref = converted_q8_0(d, root)
     ours = export_model_dir(d, root / "q8_0.gguf", "q8_0")
     a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
     b = {t.name: t for t in gguf.GGUFReader(str(ref)).tensors}
@@ -214,9 +221,7 @@ def test_dhad_loads_convert_hf_to_gguf_output(case):
     """A GGUF made by llama.cpp's own converter (what Ollama's library holds): dhad loads it, rebuilds its
     tokenizer from llama.cpp's keys (no dhad copy inside), and computes what the original model computes."""
     kind, d, tok, root = case
-    ref = root / "ref-q8_0.gguf"
-    if not ref.exists():
-        pytest.skip("made by test_q8_0_tensors_byte_equal_to_convert_hf_to_gguf")
+    ref = converted_q8_0(d, root)
     if kind == "jais-demo":  # no `output` tensor (see above): refused by name, as llama.cpp refuses it
         from dhad.gguf import GGUFError
         with pytest.raises(GGUFError, match="output.weight"):
